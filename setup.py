@@ -11,7 +11,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["hypertune", "hypertune.*", "tasks", "tasks.*"]),
     package_data={"": ["*.gin"]},
     install_requires=[
-        "jax[cpu]>=0.10,<0.11",
+        "jax>=0.10,<0.11",
         "jaxlib>=0.10,<0.11",
         "flax>=0.12,<0.13",
         "optax>=0.2",
