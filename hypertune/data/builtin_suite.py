@@ -1,0 +1,418 @@
+"""The built-in meta-learning suite: procedurally generated tasks in the S-NI schema.
+
+Each *task* is a family plus hidden parameters drawn per task, e.g. "shift letters
+by k" with k=7, or "classify by length parity" with label words ("moon", "red"). The
+parameters are only visible through the task's demonstrations, so a model that reads
+demonstrations (hypernetwork or in-context concatenation) can solve a task that a
+zero-shot model can only guess (it still learns the family's format and label space).
+
+Strings are short (inputs 3-8 lowercase letters, targets 1-10 characters) so that a
+tiny byte-level T5 learns the training families on CPU in minutes.
+
+Split (fixed for a seed; held-out never appears in training - tested):
+
+* train: TRAIN_TRANSFORMS, compositions in the training half of the pairs,
+  TRAIN_RULES with TRAIN_LABEL_WORDS.
+* heldout_families: HELDOUT_TRANSFORMS and HELDOUT_RULES (unseen families).
+* heldout_compositions: pairs of training transforms never composed in training.
+* heldout_label_words: training rules with HELDOUT_LABEL_WORDS.
+
+`write_suite` emits S-NI JSON files (``tasks/*.json``, ``splits/train_tasks.txt``,
+``splits/test_tasks.txt`` and one ``splits/<subset>_tasks.txt`` per held-out subset)
+so the suite is read back through the S-NI loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import random
+import string
+import tempfile
+from typing import Callable, Dict, List, Optional, Tuple
+
+from hypertune.data import fewshot
+
+SUITE_VERSION = 1
+LETTERS = string.ascii_lowercase
+VOWELS = set("aeiou")
+
+TRAIN_LABEL_WORDS = (
+    "yes", "no", "red", "blue", "cat", "dog", "up", "down", "hot", "cold", "sun", "moon",
+    "left", "right", "big", "small", "on", "off", "win", "lose", "fox", "owl", "tea", "jam",
+)
+HELDOUT_LABEL_WORDS = (
+    "pear", "plum", "north", "south", "zip", "zap", "kiwi", "lime", "rock", "reed",
+)
+
+Fn = Callable[[str], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """A parameterised string transform family.
+
+  make(rng) -> (parameter description, function, input alphabet or None=all letters)
+  """
+
+  name: str
+  definition: str
+  make: Callable[[random.Random], Tuple[str, Fn, Optional[str]]]
+  composable: bool = True
+
+
+def _alphabet(rng, n):
+  return "".join(sorted(rng.sample(LETTERS, n)))
+
+
+def _reverse(rng):
+  return "", lambda s: s[::-1], None
+
+
+def _shift(rng):
+  k = rng.randint(1, 25)
+  shift = lambda c: chr((ord(c) - 97 + k) % 26 + 97) if c in LETTERS else c
+  return f"k={k}", lambda s: "".join(shift(c) for c in s), None
+
+
+def _first_n(rng):
+  n = rng.randint(1, 3)
+  return f"n={n}", lambda s: s[:n], None
+
+
+def _last_n(rng):
+  n = rng.randint(1, 3)
+  return f"n={n}", lambda s: s[-n:], None
+
+
+def _double(rng):
+  return "", lambda s: "".join(c + c for c in s)[:10], None
+
+
+def _substitute(rng):
+  # A small task alphabet so K demonstrations cover the hidden mapping.
+  src = _alphabet(rng, 5)
+  dst = rng.sample(LETTERS, 5)
+  table = dict(zip(src, dst))
+  return f"map={src}->{''.join(dst)}", lambda s: "".join(table.get(c, c) for c in s), src
+
+
+def _append(rng):
+  suf = "".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 2)))
+  return f"suffix={suf}", lambda s: s + suf, None
+
+
+def _prepend(rng):
+  pre = "".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 2)))
+  return f"prefix={pre}", lambda s: pre + s, None
+
+
+def _remove_letter(rng):
+  alpha = _alphabet(rng, 6)
+  c = rng.choice(alpha)
+  return f"remove={c}", lambda s: s.replace(c, "") or "-", alpha
+
+
+def _upper(rng):
+  return "", lambda s: s.upper(), None
+
+
+def _sort(rng):
+  return "", lambda s: "".join(sorted(s)), None
+
+
+def _rotate(rng):
+  n = rng.randint(1, 3)
+  return f"n={n}", lambda s: s[n % len(s):] + s[: n % len(s)], None
+
+
+TRAIN_TRANSFORMS = (
+    Transform("reverse", "Reverse the letters.", _reverse),
+    Transform("shift", "Shift every letter forward in the alphabet by a fixed amount.", _shift),
+    Transform("first_n", "Keep only the first few letters.", _first_n),
+    Transform("double", "Write every letter twice.", _double),
+    Transform("substitute", "Replace every letter by its partner letter.", _substitute),
+    Transform("append", "Add the same ending to the string.", _append),
+    Transform("remove_letter", "Delete every copy of one letter.", _remove_letter),
+    Transform("uppercase", "Write the string in capitals.", _upper),
+    Transform("sort", "Sort the letters alphabetically.", _sort),
+)
+HELDOUT_TRANSFORMS = (
+    Transform("last_n", "Keep only the last few letters.", _last_n),
+    Transform("rotate", "Move the first few letters to the end.", _rotate),
+    Transform("prepend", "Add the same beginning to the string.", _prepend),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """A binary classification rule family: make(rng) -> (desc, predicate, alphabet)."""
+
+  name: str
+  definition: str
+  make: Callable[[random.Random], Tuple[str, Callable[[str], bool], Optional[str]]]
+
+
+def _length_parity(rng):
+  return "", lambda s: len(s) % 2 == 0, None
+
+
+def _contains(rng):
+  alpha = _alphabet(rng, 6)
+  c = rng.choice(alpha)
+  return f"letter={c}", lambda s: c in s, alpha
+
+
+def _longer_than(rng):
+  n = rng.randint(4, 6)
+  return f"n={n}", lambda s: len(s) > n, None
+
+
+def _starts_vowel(rng):
+  return "", lambda s: s[0] in VOWELS, None
+
+
+def _ends_with(rng):
+  alpha = _alphabet(rng, 4)
+  c = rng.choice(alpha)
+  return f"letter={c}", lambda s: s[-1] == c, alpha
+
+
+TRAIN_RULES = (
+    Rule("length_parity", "Classify the string by whether its length is even.", _length_parity),
+    Rule("contains", "Classify the string by whether it contains a certain letter.", _contains),
+    Rule("longer_than", "Classify the string by whether it is long.", _longer_than),
+)
+HELDOUT_RULES = (
+    Rule("starts_vowel", "Classify the string by whether it starts with a vowel.", _starts_vowel),
+    Rule("ends_with", "Classify the string by whether it ends with a certain letter.", _ends_with),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+  """Sizes of the generated suite (defaults: ~110 training tasks, ~40 held-out)."""
+
+  tasks_per_transform: int = 6
+  tasks_per_composition: int = 2
+  num_train_compositions: int = 12
+  num_heldout_compositions: int = 6
+  tasks_per_rule: int = 8
+  heldout_tasks_per_family: int = 3
+  heldout_label_word_tasks_per_rule: int = 3
+  train_instances: int = 100
+  heldout_instances: int = 50
+  # Extra instances per held-out task, after the evaluated ones: the pool from which
+  # the fixed evaluation demonstrations are drawn (never evaluated).
+  heldout_demo_pool: int = 16
+  min_len: int = 3
+  max_len: int = 8
+
+
+def _random_input(rng, alphabet, cfg):
+  n = rng.randint(cfg.min_len, cfg.max_len)
+  return "".join(rng.choice(alphabet or LETTERS) for _ in range(n))
+
+
+def _transform_instances(rng, fn, alphabet, n, cfg):
+  seen, out = set(), []
+  for _ in range(50 * n):
+    s = _random_input(rng, alphabet, cfg)
+    if s in seen:
+      continue
+    seen.add(s)
+    out.append((s, fn(s)))
+    if len(out) == n:
+      break
+  return out
+
+
+def _rule_instances(rng, pred, alphabet, words, n, cfg):
+  """Balanced classes (half each) so the majority label is uninformative."""
+  buckets = {True: [], False: []}
+  seen = set()
+  for _ in range(200 * n):
+    s = _random_input(rng, alphabet, cfg)
+    if s in seen:
+      continue
+    seen.add(s)
+    b = buckets[bool(pred(s))]
+    if len(b) < (n + 1) // 2:
+      b.append(s)
+    if len(buckets[True]) + len(buckets[False]) >= 2 * ((n + 1) // 2):
+      break
+  items = [(s, words[0]) for s in buckets[True]] + [(s, words[1]) for s in buckets[False]]
+  rng.shuffle(items)
+  return items[:n]
+
+
+def _sni_json(name, definition, instances, category, params, choices=None):
+  """One task in the S-NI schema; two positive examples taken from the front."""
+  pos = [{"input": x, "output": y, "explanation": ""} for x, y in instances[:2]]
+  task = {
+      "Contributors": ["hypertune built-in suite"],
+      "Source": ["hypertune-builtin"],
+      "Categories": [category],
+      "Definition": [definition],
+      "Input_language": ["English"],
+      "Output_language": ["English"],
+      "Instruction_language": ["English"],
+      "Positive Examples": pos,
+      "Negative Examples": [],
+      "Instances": [{"id": f"{name}-{i}", "input": x, "output": [y]}
+                    for i, (x, y) in enumerate(instances[2:])],
+      "Instance License": ["Apache-2.0"],
+      # Not S-NI fields: generator metadata, ignored by the loader.
+      "hypertune_params": params,
+  }
+  if choices is not None:
+    task["hypertune_answer_choices"] = list(choices)
+  return task
+
+
+def generate_suite(seed: int = 0, config: SuiteConfig = SuiteConfig()) -> Dict[str, Dict]:
+  """Returns {"tasks": {name: sni_json}, "splits": {split: [names]}}.
+
+  Deterministic for (seed, config, SUITE_VERSION).
+  """
+  tasks: Dict[str, dict] = {}
+  splits: Dict[str, List[str]] = {
+      "train": [], "heldout_families": [], "heldout_compositions": [], "heldout_label_words": []}
+  counter = itertools.count(1)
+
+  def rng_for(*parts):
+    return random.Random(fewshot.stable_seed("builtin", SUITE_VERSION, seed, *parts))
+
+  def distinct(seen, make, *parts):
+    """Draws task parameters, re-drawing (a few times) ones already used in the family
+    so that tasks of a family differ whenever the parameter space allows."""
+    for attempt in range(20):
+      rng = rng_for(*parts, attempt)
+      made = make(rng)
+      if made[0] not in seen or not made[0]:
+        break
+    seen.add(made[0])
+    return rng, made
+
+  def add(split, family, definition, instances, params, choices=None, category="Transform"):
+    name = f"task{next(counter):03d}_{family}"
+    # Positive examples are instances[:2]; the remaining ones are the Instances.
+    tasks[name] = _sni_json(name, definition, instances, category, params, choices)
+    splits[split].append(name)
+
+  def transform_tasks(split, t: Transform, n_tasks, n_inst):
+    seen = set()
+    for j in range(n_tasks):
+      rng, (params, fn, alpha) = distinct(seen, lambda r: t.make(r), "t", t.name, split, j)
+      add(split, t.name, t.definition, _transform_instances(rng, fn, alpha, n_inst + 2, config),
+          {"family": t.name, "params": params})
+
+  def rule_tasks(split, r: Rule, n_tasks, n_inst, words_pool):
+    seen = set()
+    for j in range(n_tasks):
+      rng, (params, pred, alpha) = distinct(seen, lambda x: r.make(x), "r", r.name, split, j)
+      words = tuple(rng.sample(words_pool, 2))
+      inst = _rule_instances(rng, pred, alpha, words, n_inst + 2, config)
+      add(split, r.name, f"{r.definition} Answer with one of two words.", inst,
+          {"family": r.name, "params": params, "label_words": list(words)},
+          choices=words, category="Classification")
+
+  def composition_tasks(split, pairs, n_inst):
+    for a, b in pairs:
+      seen = set()
+      for j in range(config.tasks_per_composition):
+        make = lambda r: (lambda x, y: (f"{x[0]};{y[0]}", (x, y), None))(a.make(r), b.make(r))
+        rng, (_, ((pa, fa, alpha), (pb, fb, _)), _) = distinct(
+            seen, make, "c", a.name, b.name, split, j)
+        fn = lambda s, fa=fa, fb=fb: fb(fa(s)) or "-"
+        add(split, f"{a.name}_then_{b.name}", f"{a.definition} Then: {b.definition}",
+            _transform_instances(rng, fn, alpha, n_inst + 2, config),
+            {"family": f"{a.name}+{b.name}", "params": f"{pa};{pb}"})
+
+  n_tr = config.train_instances
+  n_ho = config.heldout_instances + config.heldout_demo_pool
+  for t in TRAIN_TRANSFORMS:
+    transform_tasks("train", t, config.tasks_per_transform, n_tr)
+  # Compositions: uppercase only last (other transforms act on lowercase letters).
+  comp = [t for t in TRAIN_TRANSFORMS if t.composable]
+  pairs = [(a, b) for a in comp for b in comp if a is not b and a.name != "uppercase"]
+  random.Random(fewshot.stable_seed("pairs", SUITE_VERSION, seed)).shuffle(pairs)
+  train_pairs = pairs[: config.num_train_compositions]
+  heldout_pairs = pairs[config.num_train_compositions:
+                        config.num_train_compositions + config.num_heldout_compositions]
+  composition_tasks("train", train_pairs, n_tr)
+  for r in TRAIN_RULES:
+    rule_tasks("train", r, config.tasks_per_rule, n_tr, TRAIN_LABEL_WORDS)
+  for t in HELDOUT_TRANSFORMS:
+    transform_tasks("heldout_families", t, config.heldout_tasks_per_family, n_ho)
+  for r in HELDOUT_RULES:
+    rule_tasks("heldout_families", r, config.heldout_tasks_per_family, n_ho, TRAIN_LABEL_WORDS)
+  composition_tasks("heldout_compositions", heldout_pairs, n_ho)
+  for r in TRAIN_RULES:
+    rule_tasks("heldout_label_words", r, config.heldout_label_word_tasks_per_rule, n_ho,
+               HELDOUT_LABEL_WORDS)
+  return {"tasks": tasks, "splits": splits}
+
+
+HELDOUT_SUBSETS = ("heldout_families", "heldout_compositions", "heldout_label_words")
+
+
+def default_cache_dir(seed: int) -> str:
+  base = os.environ.get("HYPERTUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hypertune")
+  return os.path.join(base, f"builtin_suite_v{SUITE_VERSION}_seed{seed}")
+
+
+def write_suite(out_dir: Optional[str] = None, seed: int = 0,
+                config: SuiteConfig = SuiteConfig()) -> str:
+  """Writes the suite in S-NI layout under out_dir (default: a cache dir); returns it.
+
+  If out_dir already holds this exact suite (same manifest), it is reused. Writing is
+  atomic (temp dir + rename) so concurrent test workers do not see partial files.
+  """
+  out_dir = out_dir or default_cache_dir(seed)
+  manifest = {"version": SUITE_VERSION, "seed": seed, "config": dataclasses.asdict(config)}
+  mpath = os.path.join(out_dir, "MANIFEST.json")
+  if os.path.exists(mpath):
+    with open(mpath, encoding="utf-8") as f:
+      if json.load(f) == manifest:
+        return out_dir
+  suite = generate_suite(seed, config)
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".builtin_tmp_", dir=parent)
+  os.makedirs(os.path.join(tmp, "tasks"))
+  os.makedirs(os.path.join(tmp, "splits"))
+  for name, task in suite["tasks"].items():
+    with open(os.path.join(tmp, "tasks", name + ".json"), "w", encoding="utf-8") as f:
+      json.dump(task, f, indent=1)
+  sp = suite["splits"]
+  lists = {"train": sp["train"], "test": [n for s in HELDOUT_SUBSETS for n in sp[s]]}
+  lists.update({s: sp[s] for s in HELDOUT_SUBSETS})
+  for split, names in lists.items():
+    with open(os.path.join(tmp, "splits", f"{split}_tasks.txt"), "w", encoding="utf-8") as f:
+      f.write("\n".join(names) + "\n")
+  with open(os.path.join(tmp, "MANIFEST.json"), "w", encoding="utf-8") as f:
+    json.dump(manifest, f)
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(mpath):
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise FileExistsError(f"{out_dir} exists and is not a built-in suite directory "
+                          "(no MANIFEST.json); refusing to overwrite it")
+  if os.path.exists(out_dir):
+    # A stale suite (other seed/config/version): replace it.
+    import shutil  # pylint: disable=g-import-not-at-top
+    old = tmp + ".old"
+    try:
+      os.replace(out_dir, old)
+      shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+      pass
+  try:
+    os.replace(tmp, out_dir)
+  except OSError:
+    # Another process won the race with the same content.
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir

@@ -1,0 +1,282 @@
+"""Few-shot sampling and construction of three-input examples.
+
+A *three-input example* is a dict of features::
+
+    hyper_inputs   str        what the hypernetwork reads (instruction and/or demos)
+    inputs         str        what the frozen downstream model reads
+    targets        str        the training target (eval: the first reference)
+    task_name      str
+    references     [R] str    all acceptable outputs (generation evaluation)
+    answer_choices [C] str    candidate outputs (rank classification); [] otherwise
+    label          int32      gold index into answer_choices; -1 when not a choice task
+    example_id     int32      position of the example inside its task split
+
+`hyper_mode` decides where the demonstrations go, so the three baselines of the
+papers read the *same* data:
+
+* ``"hyper"``  - HyperT5 / HINT: demos (and instruction) -> hyper_inputs,
+  query -> inputs.
+* ``"concat"`` - T5-MTF-Few-shot / Tk-Instruct: demos (and instruction) are
+  concatenated in front of the query in ``inputs``; hyper_inputs is empty.
+* ``"none"``   - T5-MTF zero-shot (T0-style): inputs is the query alone; hyper_inputs
+  is empty.
+
+Demonstrations (``demos``):
+
+* ``"none"``     - no demonstrations (S-NI ``def`` setting).
+* ``"positive"`` - the task's fixed positive examples, first ``k`` (S-NI ``def_2pos``
+  with k=2).
+* ``"sampled"``  - training: ``k`` demos drawn per target example from the same task
+  split, never the target itself; evaluation: one fixed set of ``k`` demos per task
+  chosen once with the seed from the task's demonstration pool (which excludes the
+  evaluated examples) and reused for every query, as in the papers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import random
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from hypertune.data import formatting
+
+Demonstration = formatting.Demonstration
+
+HYPER_MODES = ("hyper", "concat", "none")
+DEMO_SOURCES = ("none", "positive", "sampled")
+MAX_K = 16  # the papers use up to 16 demonstrations
+TRAIN_SPLIT = "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskExample:
+  """One raw example of a task before formatting.
+
+  outputs: all acceptable outputs (S-NI keeps several); training samples one.
+  answer_choices/label: for classification tasks (rank classification).
+  """
+
+  inputs: str
+  outputs: Tuple[str, ...]
+  answer_choices: Tuple[str, ...] = ()
+  label: int = -1
+  id: str = ""
+
+  def demonstration(self) -> Demonstration:
+    return (self.inputs, self.outputs[0])
+
+
+@dataclasses.dataclass
+class TaskData:
+  """A task: splits of raw examples plus what the hypernetwork may read.
+
+  Attributes:
+    name: task name (used in task_name and for seeding; must be stable).
+    splits: split name -> examples.
+    instruction: task definition (S-NI) or None.
+    positive_examples: fixed demonstrations (S-NI "Positive Examples").
+    eval_pool: demonstrations from which the fixed evaluation demos are chosen.
+      Must not contain evaluated examples. Defaults to the train split when that is
+      disjoint from the eval split, else to positive_examples.
+  """
+
+  name: str
+  splits: Dict[str, List[TaskExample]]
+  instruction: Optional[str] = None
+  positive_examples: List[Demonstration] = dataclasses.field(default_factory=list)
+  eval_pool: Optional[List[Demonstration]] = None
+
+  def num_examples(self, split: str) -> int:
+    return len(self.splits.get(split, ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperConfig:
+  """How to turn raw examples into three-input examples (see module doc)."""
+
+  hyper_mode: str = "hyper"
+  use_instruction: bool = True
+  demos: str = "sampled"
+  k: int = 16
+  seed: int = 0
+  # Token budgets (EOS excluded from none of them: we reserve one token for it).
+  max_hyper_length: Optional[int] = 1024
+  max_inputs_length: Optional[int] = 384
+
+  def __post_init__(self):
+    if self.hyper_mode not in HYPER_MODES:
+      raise ValueError(f"hyper_mode must be one of {HYPER_MODES}, got {self.hyper_mode!r}")
+    if self.demos not in DEMO_SOURCES:
+      raise ValueError(f"demos must be one of {DEMO_SOURCES}, got {self.demos!r}")
+    if not 0 <= self.k <= MAX_K:
+      raise ValueError(f"k must be in [0, {MAX_K}], got {self.k}")
+
+
+def stable_seed(*parts) -> int:
+  """A 63-bit seed from arbitrary parts, stable across processes (unlike hash())."""
+  h = hashlib.sha256("\x00".join(map(str, parts)).encode("utf-8")).digest()
+  return int.from_bytes(h[:8], "little") >> 1
+
+
+def sample_demonstrations(
+    pool: Sequence[Demonstration],
+    k: int,
+    rng: random.Random,
+    exclude_index: Optional[int] = None,
+) -> List[Demonstration]:
+  """Draws min(k, available) demos without replacement, never `exclude_index`."""
+  n = len(pool)
+  candidates = n - (1 if exclude_index is not None and 0 <= exclude_index < n else 0)
+  m = min(k, candidates)
+  if m <= 0:
+    return []
+  picks = rng.sample(range(candidates), m)
+  if exclude_index is not None:
+    # Map [0, n-1) onto [0, n) \ {exclude_index}.
+    picks = [p + 1 if p >= exclude_index else p for p in picks]
+  return [pool[p] for p in picks]
+
+
+def fixed_demonstrations(
+    pool: Sequence[Demonstration], k: int, seed: int, task_name: str
+) -> List[Demonstration]:
+  """The evaluation demos of a task: chosen once from `pool` by (seed, task_name)."""
+  return sample_demonstrations(pool, k, random.Random(stable_seed("fixed", seed, task_name)))
+
+
+def eval_pool(task: TaskData) -> List[Demonstration]:
+  if task.eval_pool is not None:
+    return list(task.eval_pool)
+  return list(task.positive_examples)
+
+
+class TruncationStats:
+  """Counts downstream inputs longer than the budget; warns with the task name."""
+
+  def __init__(self):
+    self.truncated = 0
+    self.total = 0
+    self.demos_dropped = 0
+
+  def report(self, task_name: str, split: str, max_len: Optional[int]) -> None:
+    if self.truncated:
+      logging.warning(
+          "task %s (%s): %d of %d examples have inputs longer than %s tokens and will be "
+          "truncated by the feature converter", task_name, split, self.truncated,
+          self.total, max_len)
+
+
+class ExampleBuilder:
+  """Formats raw examples of one task into three-input examples.
+
+  Args:
+    task: the task.
+    config: HyperConfig.
+    tokens: `<x>`/`<y>` strings for the vocabulary.
+    length_fn: tokens of a string (no EOS); None disables budgets and counting.
+  """
+
+  def __init__(self, task: TaskData, config: HyperConfig,
+               tokens: formatting.SpecialTokens, length_fn=None):
+    self.task = task
+    self.config = config
+    self.tokens = tokens
+    self.length_fn = functools.lru_cache(maxsize=1 << 16)(length_fn) if length_fn else None
+    self.stats: Dict[str, TruncationStats] = {}
+
+  # -- demonstrations -------------------------------------------------------
+  def eval_demonstrations(self) -> List[Demonstration]:
+    """The fixed demonstrations used for every evaluation query of the task."""
+    c = self.config
+    if c.demos == "none" or c.k == 0:
+      return []
+    if c.demos == "positive":
+      return list(self.task.positive_examples[: c.k])
+    return fixed_demonstrations(eval_pool(self.task), c.k, c.seed, self.task.name)
+
+  def _instruction(self) -> Optional[str]:
+    return self.task.instruction if self.config.use_instruction else None
+
+  def _budget(self, n: Optional[int]) -> Optional[int]:
+    # One position is reserved for the EOS that the output feature appends.
+    return None if (n is None or self.length_fn is None) else n - 1
+
+  def hyper_text(self, demos: Sequence[Demonstration], query: str = "") -> Tuple[str, int]:
+    """Formatted instruction+demos for the configured mode, within its budget."""
+    c = self.config
+    if c.hyper_mode == "hyper":
+      return formatting.format_hyper_inputs(
+          self._instruction(), demos, self.tokens, self.length_fn,
+          self._budget(c.max_hyper_length))
+    # concat: the demos share the downstream budget with the query.
+    budget = self._budget(c.max_inputs_length)
+    if budget is not None:
+      budget -= self.length_fn(formatting.format_concat_inputs("", query, self.tokens)) + 1
+      budget = max(budget, 0)
+    return formatting.format_hyper_inputs(
+        self._instruction(), demos, self.tokens, self.length_fn, budget)
+
+  def eval_hyper_inputs(self) -> str:
+    """hyper_inputs shared by all evaluation queries (mode "hyper")."""
+    return self.hyper_text(self.eval_demonstrations())[0]
+
+  # -- examples -------------------------------------------------------------
+  def _assemble(self, ex: TaskExample, target: str, demos, idx: int, stats) -> dict:
+    c = self.config
+    if c.hyper_mode == "none":
+      hyper, inputs = "", ex.inputs
+    elif c.hyper_mode == "hyper":
+      hyper, inputs = self.hyper_text(demos)[0], ex.inputs
+    else:
+      text, kept = self.hyper_text(demos, ex.inputs)
+      stats.demos_dropped += len(demos) - kept
+      hyper, inputs = "", formatting.format_concat_inputs(text, ex.inputs, self.tokens)
+    if self.length_fn is not None and c.max_inputs_length is not None:
+      stats.total += 1
+      if self.length_fn(inputs) + 1 > c.max_inputs_length:
+        stats.truncated += 1
+    return {
+        "hyper_inputs": hyper,
+        "inputs": inputs,
+        "targets": target,
+        "task_name": self.task.name,
+        "references": list(ex.outputs),
+        "answer_choices": list(ex.answer_choices),
+        "label": ex.label,
+        "example_id": idx,
+    }
+
+  def examples(self, split: str, epoch: int = 0) -> Iterator[dict]:
+    """Yields three-input examples of `split`.
+
+    The training split samples a fresh target output and fresh demos per example,
+    seeded by (seed, task, epoch), so every pass differs but runs are reproducible.
+    Other splits use the first output as target and the fixed eval demos.
+    """
+    c = self.config
+    data = self.task.splits.get(split)
+    if data is None:
+      raise KeyError(f"task {self.task.name} has no split {split!r} "
+                     f"(has {sorted(self.task.splits)})")
+    stats = self.stats[split] = TruncationStats()
+    need_demos = c.hyper_mode != "none" and c.demos != "none" and c.k > 0
+    if split == TRAIN_SPLIT:
+      rng = random.Random(stable_seed("train", c.seed, self.task.name, epoch))
+      pool = [e.demonstration() for e in data]
+      for i, ex in enumerate(data):
+        target = ex.outputs[0] if len(ex.outputs) == 1 else rng.choice(ex.outputs)
+        if not need_demos:
+          demos = []
+        elif c.demos == "positive":
+          demos = self.task.positive_examples[: c.k]
+        else:
+          demos = sample_demonstrations(pool, c.k, rng, exclude_index=i)
+        yield self._assemble(ex, target, demos, i, stats)
+    else:
+      demos = self.eval_demonstrations() if need_demos else []
+      for i, ex in enumerate(data):
+        yield self._assemble(ex, ex.outputs[0], demos, i, stats)
+    stats.report(self.task.name, split, c.max_inputs_length)

@@ -1,0 +1,237 @@
+"""Evaluation metrics (pure Python/NumPy; no JAX).
+
+Conventions follow the papers hypertune reproduces:
+
+* Generation tasks use Super-NaturalInstructions' official scorer
+  (``compute_metrics.py`` of S-NI / Tk-Instruct): ROUGE-L F-measure from
+  ``rouge-score`` with its default tokenizer and ``use_stemmer=True``; exact
+  match after S-NI's ``normalize_answer`` (lower-case, strip punctuation,
+  collapse whitespace -- S-NI deliberately does *not* remove articles, unlike
+  SQuAD).  Each prediction takes the max over its references.  Scores are on a
+  0-100 scale as S-NI reports them.
+* Classification tasks use rank classification (the P3 / T0 protocol): every
+  answer choice is scored by the model's total target log-likelihood and the
+  highest-scoring choice is the prediction.
+"""
+
+from __future__ import annotations
+
+import collections
+import string
+from typing import Dict, Hashable, Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = [
+    "normalize_answer",
+    "rouge_l",
+    "exact_match",
+    "rank_classification_predictions",
+    "rank_classification_accuracy",
+    "macro_f1",
+    "aggregate_task_metrics",
+]
+
+_PUNCTUATION = frozenset(string.punctuation)
+_ROUGE_SCORER = None
+
+
+def normalize_answer(text: str) -> str:
+    """S-NI's answer normalisation: lower-case, drop ASCII punctuation, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(text.split())
+
+
+def _rouge_scorer():
+    # Building a RougeScorer loads the Porter stemmer; do it once per process.
+    global _ROUGE_SCORER
+    if _ROUGE_SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _ROUGE_SCORER
+
+
+def _as_reference_lists(predictions: Sequence[str], references: Sequence) -> list:
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"got {len(predictions)} predictions but {len(references)} reference lists; "
+            "they must be aligned one-to-one"
+        )
+    out = []
+    for i, refs in enumerate(references):
+        refs = [refs] if isinstance(refs, str) else list(refs)
+        if not refs:
+            raise ValueError(f"example {i} has an empty reference list")
+        out.append(refs)
+    return out
+
+
+def rouge_l(predictions: Sequence[str], references_lists: Sequence[Sequence[str]]) -> float:
+    """Mean ROUGE-L F-measure (0-100), max over each example's references.
+
+    Args:
+      predictions: N predicted strings.
+      references_lists: N lists of reference strings (a bare string counts as one reference).
+
+    Returns:
+      100 * mean_i max_j rougeL_f(prediction_i, reference_ij); 0.0 for N == 0.
+    """
+    refs = _as_reference_lists(predictions, references_lists)
+    if not refs:
+        return 0.0
+    scorer = _rouge_scorer()
+    total = 0.0
+    for pred, ref_list in zip(predictions, refs):
+        total += max(scorer.score(target=r, prediction=pred)["rougeL"].fmeasure for r in ref_list)
+    return 100.0 * total / len(refs)
+
+
+def exact_match(predictions: Sequence[str], references_lists: Sequence[Sequence[str]]) -> float:
+    """Mean exact match (0-100) after :func:`normalize_answer`, max over references."""
+    refs = _as_reference_lists(predictions, references_lists)
+    if not refs:
+        return 0.0
+    hits = 0
+    for pred, ref_list in zip(predictions, refs):
+        p = normalize_answer(pred)
+        hits += any(p == normalize_answer(r) for r in ref_list)
+    return 100.0 * hits / len(refs)
+
+
+def rank_classification_predictions(
+    scores: Sequence[float],
+    example_ids: Sequence[Hashable],
+    choice_indices: Sequence[int],
+) -> Dict[Hashable, int]:
+    """Picks, per example, the choice with the highest total log-likelihood.
+
+    Inputs are flat and aligned: one row per (example, choice) pair, as a scoring
+    pass over a rank-classification dataset produces them.
+
+    Args:
+      scores: [R] total target log-likelihood of each row (sum over target tokens).
+      example_ids: [R] id of the example each row belongs to.
+      choice_indices: [R] index of the answer choice the row scores.
+
+    Returns:
+      {example_id: index of the best choice}.  Ties go to the lowest choice index
+      so results do not depend on row order.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if not (len(scores) == len(example_ids) == len(choice_indices)):
+        raise ValueError(
+            "scores, example_ids and choice_indices must have one entry per row; got lengths "
+            f"{len(scores)}, {len(example_ids)}, {len(choice_indices)}"
+        )
+    best: Dict[Hashable, tuple] = {}
+    for score, ex, choice in zip(scores, example_ids, choice_indices):
+        if np.isnan(score):
+            raise ValueError(f"NaN score for example {ex!r}, choice {choice}")
+        key = (score, -int(choice))
+        if ex not in best or key > best[ex]:
+            best[ex] = key
+    return {ex: -key[1] for ex, key in best.items()}
+
+
+def rank_classification_accuracy(
+    scores: Sequence[float],
+    example_ids: Sequence[Hashable],
+    choice_indices: Sequence[int],
+    labels: Mapping[Hashable, int] | Sequence[int],
+) -> float:
+    """Rank-classification accuracy (0-100).
+
+    Args:
+      scores, example_ids, choice_indices: flat per-row arrays, see
+        :func:`rank_classification_predictions`.
+      labels: the correct choice index per example: either a mapping
+        {example_id: label} or a per-row sequence aligned with ``scores`` (every row of
+        an example must then carry the same label).
+
+    Returns:
+      100 * fraction of examples whose highest-scoring choice equals the label.
+    """
+    preds = rank_classification_predictions(scores, example_ids, choice_indices)
+    if not isinstance(labels, Mapping):
+        if len(labels) != len(example_ids):
+            raise ValueError(
+                f"per-row labels must have one entry per row ({len(example_ids)}), got {len(labels)}"
+            )
+        per_example: Dict[Hashable, int] = {}
+        for ex, lab in zip(example_ids, labels):
+            if per_example.setdefault(ex, int(lab)) != int(lab):
+                raise ValueError(
+                    f"example {ex!r} has inconsistent labels across its rows: "
+                    f"{per_example[ex]} and {int(lab)}"
+                )
+        labels = per_example
+    if not preds:
+        return 0.0
+    missing = [ex for ex in preds if ex not in labels]
+    if missing:
+        raise KeyError(f"no label for example ids {missing[:5]} (showing up to 5)")
+    correct = sum(int(preds[ex] == int(labels[ex])) for ex in preds)
+    return 100.0 * correct / len(preds)
+
+
+def macro_f1(predictions: Sequence[Hashable], labels: Sequence[Hashable]) -> float:
+    """Macro-averaged F1 (0-100) over the classes present in ``labels`` or ``predictions``.
+
+    Classes never predicted and never gold do not exist here; a class that is gold but
+    never predicted (or vice versa) contributes F1 = 0, as in scikit-learn's
+    ``f1_score(average='macro')``.
+    """
+    if len(predictions) != len(labels):
+        raise ValueError(f"got {len(predictions)} predictions but {len(labels)} labels")
+    if not labels:
+        return 0.0
+    tp: collections.Counter = collections.Counter()
+    fp: collections.Counter = collections.Counter()
+    fn: collections.Counter = collections.Counter()
+    for p, g in zip(predictions, labels):
+        if p == g:
+            tp[g] += 1
+        else:
+            fp[p] += 1
+            fn[g] += 1
+    classes = set(labels) | set(predictions)
+    f1s = []
+    for c in classes:
+        denom = 2 * tp[c] + fp[c] + fn[c]
+        f1s.append(0.0 if denom == 0 else 2 * tp[c] / denom)
+    return 100.0 * float(np.mean(f1s))
+
+
+def aggregate_task_metrics(
+    per_task: Mapping[str, Mapping[str, float]],
+    weights: Optional[Mapping[str, float]] = None,
+) -> Dict[str, Dict[str, float]]:
+    """Adds an ``average`` entry: the (optionally weighted) mean of each metric over tasks.
+
+    Args:
+      per_task: {task_name: {metric_name: value}}.  Tasks may report different
+        metrics (e.g. rank classification vs generation); each metric is averaged
+        over the tasks that report it, and ``average/num_tasks`` records how many.
+      weights: optional {task_name: weight}, e.g. example counts for a micro average.
+
+    Returns:
+      A copy of ``per_task`` plus ``{"average": {metric: mean, ...}}``.
+    """
+    if "average" in per_task:
+        raise ValueError("'average' is reserved for the aggregate and cannot be a task name")
+    sums: Dict[str, float] = collections.defaultdict(float)
+    norms: Dict[str, float] = collections.defaultdict(float)
+    counts: Dict[str, int] = collections.defaultdict(int)
+    for task, metrics in per_task.items():
+        w = 1.0 if weights is None else float(weights[task])
+        for name, value in metrics.items():
+            sums[name] += w * float(value)
+            norms[name] += w
+            counts[name] += 1
+    out = {task: dict(m) for task, m in per_task.items()}
+    out["average"] = {name: sums[name] / norms[name] for name in sums if norms[name] > 0}
+    for name in sums:
+        out["average"][f"{name}/num_tasks"] = counts[name]
+    return out
+

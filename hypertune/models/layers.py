@@ -1,0 +1,200 @@
+"""T5 building blocks: RMS norm, relative position bias, the one attention, the feed-forward block.
+
+Parameters carry logical axis names in t5x's vocabulary (`embed`, `mlp`, `heads`, `kv`, `vocab`,
+`relpos_buckets`) so partitioning is a rule table (see `hypertune.partitioning`).
+Matmuls accumulate in float32 (`preferred_element_type`): on jax 0.10 a bf16 x bf16 matmul is only
+fast that way, and it keeps float32 and bfloat16 compute on one code path.
+"""
+import math
+from typing import Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hypertune.models import peft as peft_lib
+from hypertune.models.config import T5Config
+
+NEG_INF = -1e10  # added to masked attention logits (finite, so fully masked rows stay finite)
+
+
+def dot(spec: str, x, w, dtype):
+  """einsum with float32 accumulation, result cast to the compute dtype."""
+  return jnp.einsum(spec, x.astype(dtype), w.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(dtype)
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, axes):
+  """A float32 parameter annotated with logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+class RMSNorm(nn.Module):
+  """T5's layer norm: scale only, no mean subtraction, no bias; computed in float32."""
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return (x * scale).astype(self.dtype)
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int,
+                             max_distance: int):
+  """T5's bucketing of `key_position - query_position` (half exact, half log-spaced)."""
+  ret = 0
+  n = relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n > 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = -jnp.minimum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  # max(n, 1) keeps log finite; the value is discarded where is_small.
+  val_if_large = max_exact + (
+      jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) /
+      math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+  val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+  return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBias(nn.Module):
+  """Per-stack learned bias `[1, heads, q_len, k_len]`, shared by every layer of the stack."""
+  config: T5Config
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, q_len: int, k_len: int, q_offset=0):
+    """Bias for queries at positions `q_offset + [0, q_len)` against keys `[0, k_len)`."""
+    cfg = self.config
+    table = param_with_axes(
+        self, "rel_embedding", nn.initializers.normal(cfg.d_model**-0.5),
+        (cfg.relative_attention_num_buckets, cfg.num_heads), ("relpos_buckets", "heads"))
+    context = jnp.arange(q_len)[:, None] + q_offset
+    memory = jnp.arange(k_len)[None, :]
+    buckets = relative_position_bucket(memory - context, self.bidirectional,
+                                       cfg.relative_attention_num_buckets,
+                                       cfg.relative_attention_max_distance)
+    bias = jnp.take(table, buckets, axis=0)  # [q, k, heads]
+    return jnp.transpose(bias, (2, 0, 1))[None].astype(jnp.float32)
+
+
+class Attention(nn.Module):
+  """Multi-head attention without logit scaling (T5), with optional per-example PEFT.
+
+  - `prefix`: Prefix with key/value `[batch, prefix_len, heads, head_dim]`, prepended to the keys
+    and values; every real query sees every prefix position, with no position bias.
+  - `lora`: {"q"|"k"|"v"|"o": LoRA with down `[batch, rank, in]`, up `[batch, out, rank]`}.
+  - `decode`: autoregressive self-attention with a key/value cache of the full decode length;
+    the first call (at init) only shapes the cache.
+  """
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, bias, mask, prefix: Optional[peft_lib.Prefix] = None,
+               lora: Optional[Mapping[str, peft_lib.LoRA]] = None, decode: bool = False,
+               deterministic: bool = True):
+    """inputs_q `[batch, q_len, d_model]`, inputs_kv `[batch, k_len, d_model]`,
+    bias `[1|batch, heads, q_len, k_len]` float, mask `[batch, 1, q_len|1, k_len]` bool.
+    Returns `[batch, q_len, d_model]`.
+    """
+    cfg = self.config
+    dt = cfg.compute_dtype
+    lora = lora or {}
+    h, dk = cfg.num_heads, cfg.d_kv
+    init_q = nn.initializers.normal((cfg.d_model * dk)**-0.5)
+    init_kv = nn.initializers.normal(cfg.d_model**-0.5)
+    init_o = nn.initializers.normal(cfg.inner_dim**-0.5)
+    wq = param_with_axes(self, "query", init_q, (cfg.d_model, h, dk), ("embed", "heads", "kv"))
+    wk = param_with_axes(self, "key", init_kv, (cfg.d_model, h, dk), ("embed", "heads", "kv"))
+    wv = param_with_axes(self, "value", init_kv, (cfg.d_model, h, dk), ("embed", "heads", "kv"))
+    wo = param_with_axes(self, "out", init_o, (h, dk, cfg.d_model), ("heads", "kv", "embed"))
+
+    def project(x, w, name):
+      y = dot("btd,dhk->bthk", x, w, dt)
+      if name in lora:  # per-example low-rank delta: scale * up_b @ down_b @ x
+        lo = lora[name]
+        delta = dot("btd,brd->btr", x, lo.down, dt)
+        delta = dot("btr,bor->bto", delta, lo.up, dt) * lo.scale
+        y = y + delta.reshape(y.shape).astype(dt)
+      return y
+
+    q = project(inputs_q, wq, "q")
+    k = project(inputs_kv, wk, "k")
+    v = project(inputs_kv, wv, "v")
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+
+    if decode:
+      is_init = self.is_initializing() or not self.has_variable("cache", "cached_key")
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if not is_init:
+        # One new token: write it at cache_index and attend to everything up to it.
+        index = cache_index.value
+        zero = jnp.array(0, jnp.int32)
+        k = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype),
+                                         (zero, index, zero, zero))
+        v = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype),
+                                         (zero, index, zero, zero))
+        cached_key.value, cached_value.value = k, v
+        cache_index.value = index + 1
+        mask = jnp.broadcast_to(jnp.arange(k.shape[1]) <= index, (k.shape[0], 1, 1, k.shape[1]))
+
+    if prefix is not None:  # prefix positions: always visible, no position bias
+      p = prefix.key.shape[1]
+      bias = jnp.broadcast_to(bias, bias.shape[:-1] + (k.shape[1],))
+      k = jnp.concatenate([prefix.key.astype(dt), k.astype(dt)], axis=1)
+      v = jnp.concatenate([prefix.value.astype(dt), v.astype(dt)], axis=1)
+      bias = jnp.pad(bias, [(0, 0), (0, 0), (0, 0), (p, 0)])
+      mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (p,), bool), mask], axis=-1)
+
+    logits = dot("bqhk,bshk->bhqs", q, k, jnp.float32) + bias
+    logits = jnp.where(mask, logits, NEG_INF)
+    weights = jax.nn.softmax(logits, axis=-1)
+    weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+    out = dot("bhqs,bshk->bqhk", weights, v, dt)
+    if "o" in lora:
+      lo = lora["o"]
+      flat = out.reshape(out.shape[:2] + (-1,))
+      delta = dot("bod,brd->bor", flat, lo.down, dt)
+      delta = dot("bor,bmr->bom", delta, lo.up, dt) * lo.scale
+    else:
+      delta = 0.0
+    y = dot("bqhk,hkd->bqd", out, wo, dt) + delta
+    return nn.with_logical_constraint(y.astype(dt), ("batch", "length", "embed"))
+
+
+class FeedForward(nn.Module):
+  """T5 MLP: gated-GELU (v1.1: `wo(gelu(wi_0 x) * wi_1 x)`) or ReLU (original: `wo(relu(wi x))`),
+  plus an optional per-example parallel adapter `up(gelu(down(x)))` (HINT's placement)."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, adapter: Optional[peft_lib.Adapter] = None, deterministic: bool = True):
+    """x `[batch, length, d_model]` (already normed); adapter down/up `[batch, b, d]`/`[batch, d, b]`."""
+    cfg = self.config
+    dt = cfg.compute_dtype
+    init_in = nn.initializers.normal(cfg.d_model**-0.5)
+    init_out = nn.initializers.normal(cfg.d_ff**-0.5)
+    if cfg.mlp_activation == "gated-gelu":
+      wi_0 = param_with_axes(self, "wi_0", init_in, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
+      wi_1 = param_with_axes(self, "wi_1", init_in, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
+      hidden = (jax.nn.gelu(dot("btd,df->btf", x, wi_0, jnp.float32), approximate=True) *
+                dot("btd,df->btf", x, wi_1, jnp.float32)).astype(dt)
+    else:
+      wi = param_with_axes(self, "wi", init_in, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
+      hidden = jax.nn.relu(dot("btd,df->btf", x, wi, dt))
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
+    wo = param_with_axes(self, "wo", init_out, (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
+    y = dot("btf,fd->btd", hidden, wo, dt)
+    if adapter is not None:
+      a = jax.nn.gelu(dot("btd,bad->bta", x, adapter.down, jnp.float32), approximate=False)
+      y = y + dot("bta,bda->btd", a, adapter.up, dt)
+    return y

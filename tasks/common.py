@@ -1,0 +1,253 @@
+"""Shared seqio glue: vocabularies, three-input Tasks, mixtures and name lookup.
+
+Every Task registered through `register_three_input_task` yields three-input examples
+(see `hypertune.data.fewshot`), tokenizes `hyper_inputs`, `inputs`, `targets` with the
+given vocabulary (EOS appended) and keeps the string/int side features
+(`task_name`, `references`, `answer_choices`, `label`, `example_id`, and
+`*_pretokenized` copies) for evaluation.
+
+Nothing here does I/O at import: data is read when a register_* function is called.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import logging
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import gin
+import seqio
+import tensorflow as tf
+
+from hypertune.data import fewshot
+from hypertune.data import formatting
+from hypertune.data import metrics as metrics_lib
+
+THREE_INPUT_SIGNATURE = {
+    "hyper_inputs": tf.TensorSpec([], tf.string),
+    "inputs": tf.TensorSpec([], tf.string),
+    "targets": tf.TensorSpec([], tf.string),
+    "task_name": tf.TensorSpec([], tf.string),
+    "references": tf.TensorSpec([None], tf.string),
+    "answer_choices": tf.TensorSpec([None], tf.string),
+    "label": tf.TensorSpec([], tf.int32),
+    "example_id": tf.TensorSpec([], tf.int32),
+}
+
+T5_VOCAB_RELATIVE_PATH = "../shared/data/t5_vocab/spiece.model"
+
+# Task name -> the ExampleBuilder behind it (for evaluation demos and inspection).
+_BUILDERS: Dict[str, fewshot.ExampleBuilder] = {}
+# Mixture name -> {task name: rate} for tasks registered here.
+_MIXTURES: Dict[str, Dict[str, float]] = {}
+
+
+@gin.configurable
+def get_vocabulary(kind: str = "byte", spm_path: Optional[str] = None,
+                   extra_ids: int = 100) -> seqio.Vocabulary:
+  """A seqio vocabulary: "byte" (ByteVocabulary) or "sentencepiece" (needs spm_path).
+
+  The T5 SentencePiece model is used with its 100 extra ids, of which <extra_id_0>
+  and <extra_id_1> mark `<x>` and `<y>` (see hypertune.data.formatting). There is
+  deliberately no gs:// default: pass the path (e.g. ../shared/data/t5_vocab/spiece.model).
+  """
+  if kind == "byte":
+    return seqio.ByteVocabulary()
+  if kind == "sentencepiece":
+    if not spm_path:
+      raise ValueError("get_vocabulary(kind='sentencepiece') needs spm_path")
+    return seqio.SentencePieceVocabulary(spm_path, extra_ids=extra_ids)
+  raise ValueError(f"unknown vocabulary kind {kind!r}; use 'byte' or 'sentencepiece'")
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> Dict[str, seqio.Feature]:
+  return {
+      "hyper_inputs": seqio.Feature(vocabulary, add_eos=True, required=False),
+      "inputs": seqio.Feature(vocabulary, add_eos=True),
+      "targets": seqio.Feature(vocabulary, add_eos=True),
+  }
+
+
+def length_fn_for(vocabulary: seqio.Vocabulary) -> Callable[[str], int]:
+  """Number of tokens of a string under `vocabulary` (no EOS)."""
+  if isinstance(vocabulary, seqio.ByteVocabulary):
+    return lambda s: len(s.encode("utf-8"))
+  return lambda s: len(vocabulary.encode(s))
+
+
+def _decode(x):
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def references_postprocessor(output, example=None, is_target=False):
+  """seqio postprocess_fn: targets become the example's list of references."""
+  if is_target and example is not None and "references" in example:
+    return [_decode(r) for r in example["references"]]
+  return output
+
+
+class GeneratorDataSource(seqio.FunctionDataSource):
+  """FunctionDataSource over an in-memory example generator.
+
+  File-level shuffling is meaningless for an in-memory source; Task.get_dataset
+  shuffles the preprocessed examples itself, so the source is always read in order
+  (this also avoids seqio's per-task "uncached FunctionDataset" warning).
+  """
+
+  def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **kwargs):
+    del shuffle
+    return super().get_dataset(split=split, shuffle=False, seed=seed,
+                               shard_info=shard_info, **kwargs)
+
+
+def _remove(name: str) -> None:
+  # Re-registering (e.g. a second register_* call with other options) replaces.
+  seqio.TaskRegistry.remove(name)
+  seqio.MixtureRegistry.remove(name)
+
+
+def register_three_input_task(
+    name: str,
+    task: fewshot.TaskData,
+    config: fewshot.HyperConfig,
+    vocabulary: seqio.Vocabulary,
+    metric_fns: Optional[Sequence[Callable]] = None,
+) -> seqio.Task:
+  """Registers `task` under seqio name `name` with the given formatting config."""
+  tokens = formatting.special_tokens_for(vocabulary)
+  builder = fewshot.ExampleBuilder(task, config, tokens, length_fn_for(vocabulary))
+  splits = sorted(s for s, exs in task.splits.items() if exs)
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None):
+    del shuffle_files, seed  # Order/demos are seeded by the HyperConfig.
+    epochs = itertools.count()
+
+    def gen():
+      # Each pass over the generator (e.g. each repeat()) is a new epoch with fresh
+      # training demos/targets.
+      yield from builder.examples(split, epoch=next(epochs))
+
+    return tf.data.Dataset.from_generator(gen, output_signature=THREE_INPUT_SIGNATURE)
+
+  if metric_fns is None:
+    is_choice = any(e.answer_choices for exs in task.splits.values() for e in exs[:1])
+    metric_fns = ([metrics_lib.choice_accuracy_from_strings] if is_choice
+                  else [metrics_lib.generation_metrics])
+  _remove(name)
+  source = GeneratorDataSource(
+      dataset_fn, splits=splits,
+      num_input_examples={s: task.num_examples(s) for s in splits},
+      caching_permitted=False)
+  t = seqio.Task(
+      name,
+      source=source,
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+      output_features=output_features(vocabulary),
+      postprocess_fn=references_postprocessor,
+      metric_fns=list(metric_fns),
+  )
+  seqio.TaskRegistry.add_provider(name, t)
+  _BUILDERS[name] = builder
+  return t
+
+
+def register_mixture(name: str, rates: Mapping[str, float]) -> seqio.Mixture:
+  """Registers a mixture of already-registered tasks with explicit rates."""
+  if not rates:
+    raise ValueError(f"mixture {name}: no tasks")
+  _remove(name)
+  m = seqio.Mixture(name, [(t, float(r)) for t, r in rates.items()])
+  seqio.MixtureRegistry.add_provider(name, m)
+  _MIXTURES[name] = dict(rates)
+  return m
+
+
+def size_proportional_rates(sizes: Mapping[str, int], cap: Optional[int]) -> Dict[str, float]:
+  """Examples-proportional mixing with a per-task cap (T5/T0 convention)."""
+  return {t: float(min(n, cap) if cap else n) for t, n in sizes.items() if n > 0}
+
+
+# -- lookup -------------------------------------------------------------------
+
+def registered_names() -> List[str]:
+  return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+
+
+def get_task_or_mixture(name: str):
+  """seqio Task or Mixture by name; unknown names raise listing close matches."""
+  if name in seqio.MixtureRegistry.names():
+    return seqio.MixtureRegistry.get(name)
+  if name in seqio.TaskRegistry.names():
+    return seqio.TaskRegistry.get(name)
+  close = difflib.get_close_matches(name, registered_names(), n=5, cutoff=0.6)
+  raise ValueError(
+      f"Unknown task or mixture {name!r}. Close matches: {close or 'none'}"
+      f" ({len(registered_names())} registered)")
+
+
+def get_builder(task_name: str) -> fewshot.ExampleBuilder:
+  if task_name not in _BUILDERS:
+    get_task_or_mixture(task_name)  # Raises with close matches if unknown.
+    raise ValueError(f"{task_name} was not registered through tasks.common")
+  return _BUILDERS[task_name]
+
+
+def mixture_tasks(name: str) -> List[str]:
+  """Leaf task names of a task or mixture."""
+  if name in _MIXTURES:
+    return list(_MIXTURES[name])
+  obj = get_task_or_mixture(name)
+  if isinstance(obj, seqio.Mixture):
+    return [t.name for t in obj.tasks]
+  return [name]
+
+
+def get_eval_demonstrations(task_name: str) -> List[formatting.Demonstration]:
+  """The fixed (input, target) demonstrations used for all eval queries of a task."""
+  return get_builder(task_name).eval_demonstrations()
+
+
+def get_eval_hyper_inputs(task_name: str) -> str:
+  """The formatted hyper_inputs shared by all evaluation queries of a task."""
+  return get_builder(task_name).eval_hyper_inputs()
+
+
+def get_examples(task_name: str, split: str, epoch: int = 0) -> List[dict]:
+  """Untokenized three-input examples of a task (python dicts), for debugging."""
+  return list(get_builder(task_name).examples(split, epoch=epoch))
+
+
+def get_batches(
+    name: str,
+    split: str,
+    batch_size: int,
+    task_feature_lengths: Optional[Mapping[str, int]] = None,
+    feature_converter: Optional[seqio.FeatureConverter] = None,
+    shuffle: bool = True,
+    seed: Optional[int] = 0,
+    num_epochs: Optional[int] = None,
+    drop_remainder: bool = True,
+) -> tf.data.Dataset:
+  """Batched model features of a task or mixture (tf.data; `.as_numpy_iterator()`).
+
+  Uses HyperEncDecFeatureConverter by default with lengths hyper 1024 / inputs 384 /
+  targets 128. num_epochs=None repeats forever (training).
+  """
+  from hypertune.data import feature_converters  # pylint: disable=g-import-not-at-top
+  lengths = dict(task_feature_lengths or feature_converters.DEFAULT_TASK_FEATURE_LENGTHS)
+  ds = seqio.get_dataset(
+      get_task_or_mixture(name).name,
+      task_feature_lengths=lengths,
+      dataset_split=split,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      seed=seed,
+      use_cached=False,
+      feature_converter=feature_converter or feature_converters.HyperEncDecFeatureConverter(),
+  )
+  return ds.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def log_registration(kind: str, n_tasks: int, n_skipped: int = 0) -> None:
+  logging.info("registered %d %s tasks (%d skipped)", n_tasks, kind, n_skipped)

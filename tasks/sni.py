@@ -1,0 +1,124 @@
+"""seqio registry for Super-NaturalInstructions (and anything in its layout).
+
+Names (``prefix`` defaults to "sni"; ``<setting>`` in hypertune.data.sni.SETTINGS):
+
+* tasks:    ``sni_<setting>.<task>`` (hyper_mode "hyper": definition/examples go to the
+  hypernetwork), ``sni_<setting>_concat.<task>`` (Tk-Instruct-style baseline: they
+  are concatenated into ``inputs``), ``sni_zeroshot.<task>`` (input only).
+* mixtures: ``<variant>_train`` (training tasks, examples-proportional with a cap) and
+  ``<variant>_test`` (the evaluation tasks; up to 100 instances each), plus
+  ``<variant>_<list>`` for any other ``<list>_tasks.txt`` in the splits directory.
+
+Training targets are one output sampled per example and epoch; evaluation keeps all
+outputs as `references` (ROUGE-L / exact match as in S-NI).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import gin
+import seqio
+
+from hypertune.data import fewshot
+from hypertune.data import sni
+from tasks import common
+
+MODE_SUFFIX = {"hyper": "", "concat": "_concat", "none": "_zeroshot"}
+
+
+def variant_name(prefix: str, setting: Optional[str], mode: str) -> str:
+  if mode == "none":
+    return prefix + "_zeroshot"
+  return prefix + (f"_{setting}" if setting else "") + MODE_SUFFIX[mode]
+
+
+def register_sni_layout(
+    data_dir: str,
+    vocabulary: Optional[seqio.Vocabulary] = None,
+    prefix: str = "sni",
+    settings: Sequence[str] = ("def_2pos",),
+    hyper_modes: Sequence[str] = ("hyper",),
+    setting_in_name: bool = True,
+    k: int = 2,
+    seed: int = 0,
+    max_train_instances: int = 100,
+    max_eval_instances: int = 100,
+    num_validation: int = 0,
+    mixing_cap: Optional[int] = 1000,
+    max_hyper_length: int = 1024,
+    max_inputs_length: int = 384,
+    english_only: bool = True,
+    list_aliases: Optional[Mapping[str, str]] = None,
+) -> Dict[str, List[str]]:
+  """Registers tasks + mixtures for an S-NI-layout directory; returns {mixture: tasks}.
+
+  In "concat" mode the downstream budget is max_hyper_length + max_inputs_length
+  (1024 + 384 = 1408, the T5-MTF-Few-shot length of HyperT5 appendix A).
+  """
+  vocabulary = vocabulary or common.get_vocabulary()
+  layout = sni.find_layout(data_dir)
+  train_tasks, missing_tr = sni.load_tasks(
+      layout, layout.train_tasks, "train", english_only, max_train_instances, num_validation)
+  test_tasks, missing_te = sni.load_tasks(
+      layout, layout.test_tasks, "test", english_only, max_eval_instances)
+  if missing_tr or missing_te:
+    logging.info("%s: %d train and %d test tasks listed but absent from %s", prefix,
+                 len(missing_tr), len(missing_te), data_dir)
+  if not train_tasks and not test_tasks:
+    raise ValueError(f"{data_dir}: none of the listed S-NI tasks were found")
+  aliases = dict(list_aliases or {})
+  test_by_name = {t.name: t for t in test_tasks}
+  out: Dict[str, List[str]] = {}
+  done_variants = set()
+  for setting in settings:
+    if setting not in sni.SETTINGS:
+      raise ValueError(f"unknown S-NI setting {setting!r}; use one of {sorted(sni.SETTINGS)}")
+    use_instruction, demos = sni.SETTINGS[setting]
+    for mode in hyper_modes:
+      variant = variant_name(prefix, setting if setting_in_name else None, mode)
+      if variant in done_variants:
+        continue
+      done_variants.add(variant)
+      cfg = fewshot.HyperConfig(
+          hyper_mode=mode, use_instruction=use_instruction, demos=demos, k=k, seed=seed,
+          max_hyper_length=max_hyper_length,
+          max_inputs_length=(max_inputs_length + max_hyper_length if mode == "concat"
+                             else max_inputs_length))
+      sizes = {}
+      for t in train_tasks + test_tasks:
+        name = f"{variant}.{t.name}"
+        common.register_three_input_task(name, t, cfg, vocabulary)
+        sizes[t.name] = t.num_examples("train") or t.num_examples("test")
+      lists = {"train": [t.name for t in train_tasks], "test": [t.name for t in test_tasks]}
+      for lname, names in layout.extra_lists.items():
+        lists[lname] = [n for n in names if n in test_by_name]
+      for lname, names in lists.items():
+        if not names:
+          continue
+        mix = f"{variant}_{aliases.get(lname, lname)}"
+        rates = common.size_proportional_rates({f"{variant}.{n}": sizes[n] for n in names},
+                                               mixing_cap if lname == "train" else None)
+        common.register_mixture(mix, rates)
+        out[mix] = list(rates)
+  common.log_registration(prefix, len(train_tasks) + len(test_tasks),
+                          len(missing_tr) + len(missing_te))
+  return out
+
+
+@gin.configurable
+def register_sni(
+    data_dir: str,
+    vocabulary: Optional[seqio.Vocabulary] = None,
+    settings: Sequence[str] = ("def", "def_2pos"),
+    hyper_modes: Sequence[str] = ("hyper", "concat"),
+    **kwargs,
+) -> Dict[str, List[str]]:
+  """Registers Super-NaturalInstructions from `data_dir` (see module doc).
+
+  E.g. register_sni("../shared/data/sni", common.get_vocabulary("sentencepiece",
+  "../shared/data/t5_vocab/spiece.model")). Only listed English tasks are used.
+  """
+  return register_sni_layout(data_dir, vocabulary, prefix="sni", settings=settings,
+                             hyper_modes=hyper_modes, **kwargs)

@@ -1,0 +1,191 @@
+"""Tests of the built-in meta-learning suite (generator + seqio registry)."""
+
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+import seqio
+
+from hypertune.data import builtin_suite
+from hypertune.data import metrics
+from hypertune.data import rank_classification
+from hypertune.data import sni
+from tasks import builtin
+from tasks import common
+
+SMALL = builtin_suite.SuiteConfig(
+    tasks_per_transform=2, tasks_per_composition=1, num_train_compositions=4,
+    num_heldout_compositions=2, tasks_per_rule=2, heldout_tasks_per_family=1,
+    heldout_label_word_tasks_per_rule=1, train_instances=30, heldout_instances=10,
+    heldout_demo_pool=8)
+
+
+@pytest.fixture(scope="module")
+def suite():
+  return builtin_suite.generate_suite(seed=0)
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("builtin") / "suite")
+  mixtures = builtin.register_builtin_suite(data_dir=d, seed=0, config=SMALL, k=4,
+                                            num_validation=5)
+  return d, mixtures
+
+
+def _family(task):
+  return task["hypertune_params"]["family"]
+
+
+def test_generation_is_deterministic():
+  a = builtin_suite.generate_suite(seed=3, config=SMALL)
+  assert a == builtin_suite.generate_suite(seed=3, config=SMALL)
+  assert a != builtin_suite.generate_suite(seed=4, config=SMALL)
+
+
+def test_heldout_never_in_training(suite):
+  tasks, splits = suite["tasks"], suite["splits"]
+  train_families = {_family(tasks[n]) for n in splits["train"]}
+  for n in splits["heldout_families"]:
+    assert _family(tasks[n]) not in train_families, n
+  comp_train = {f for f in train_families if "+" in f}
+  comp_heldout = {_family(tasks[n]) for n in splits["heldout_compositions"]}
+  assert comp_heldout and not comp_heldout & comp_train
+  # Compositions are made of training primitives only.
+  prims = {t.name for t in builtin_suite.TRAIN_TRANSFORMS}
+  assert all(set(f.split("+")) <= prims for f in comp_heldout)
+  train_words = {w for n in splits["train"] for w in tasks[n].get("hypertune_answer_choices", [])}
+  for n in splits["heldout_label_words"]:
+    words = set(tasks[n]["hypertune_answer_choices"])
+    assert words and not words & train_words
+    assert _family(tasks[n]) in train_families  # seen rule, unseen words
+  all_heldout = [n for s in builtin_suite.HELDOUT_SUBSETS for n in splits[s]]
+  assert not set(all_heldout) & set(splits["train"])
+  assert len(splits["train"]) >= 90 and len(all_heldout) >= 30
+
+
+def test_tasks_need_demonstrations(suite):
+  """Tasks of one family disagree on some input: only demos tell which task it is."""
+  tasks = suite["tasks"]
+  by_family = collections.defaultdict(list)
+  for name in suite["splits"]["train"]:
+    by_family[_family(tasks[name])].append(tasks[name])
+  param_free = {"reverse", "double", "uppercase", "sort"}
+  for family, ts in by_family.items():
+    params = {json.dumps(t["hypertune_params"], sort_keys=True) for t in ts}
+    if len(params) < min(len(ts), 2):
+      # Identical tasks only for parameter-free transforms (and their compositions),
+      # which the model must still recognise from the demos (no instruction is given).
+      assert set(family.split("+")) <= param_free, family
+  # Label words differ between tasks of a rule: majority-word guessing fails.
+  rule_words = [tuple(t["hypertune_answer_choices"]) for ts in by_family.values() for t in ts
+                if "hypertune_answer_choices" in t]
+  assert len(set(rule_words)) > len(rule_words) // 2
+
+
+def test_strings_are_short_and_classes_balanced(suite):
+  for name, t in suite["tasks"].items():
+    for inst in t["Instances"]:
+      assert 3 <= len(inst["input"]) <= 8, name
+      assert 1 <= len(inst["output"][0]) <= 10, (name, inst)
+    if "hypertune_answer_choices" in t:
+      counts = collections.Counter(i["output"][0] for i in t["Instances"])
+      assert min(counts.values()) >= 0.3 * sum(counts.values()), (name, counts)
+
+
+def test_written_files_follow_sni_schema(registered):
+  d, _ = registered
+  layout = sni.find_layout(d)
+  assert layout.train_tasks and layout.test_tasks
+  assert set(layout.extra_lists) == set(builtin_suite.HELDOUT_SUBSETS)
+  for name in layout.train_tasks[:5] + layout.test_tasks[:5]:
+    raw = sni.load_task_file(layout.task_files[name])
+    assert sni.is_english(raw) and len(raw["Positive Examples"]) == 2
+
+
+def test_write_reuses_cache_and_refuses_foreign_dir(tmp_path):
+  d = str(tmp_path / "s")
+  builtin_suite.write_suite(d, seed=1, config=SMALL)
+  mtime = os.path.getmtime(os.path.join(d, "MANIFEST.json"))
+  builtin_suite.write_suite(d, seed=1, config=SMALL)
+  assert os.path.getmtime(os.path.join(d, "MANIFEST.json")) == mtime
+  builtin_suite.write_suite(d, seed=2, config=SMALL)  # stale suite: replaced
+  assert json.load(open(os.path.join(d, "MANIFEST.json")))["seed"] == 2
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep")
+  with pytest.raises(FileExistsError, match="refusing"):
+    builtin_suite.write_suite(str(tmp_path / "mine"), seed=0, config=SMALL)
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_registered_names(registered):
+  _, mixtures = registered
+  for prefix in ("builtin", "builtin_concat", "builtin_zeroshot"):
+    for m in ("train", "heldout", "heldout_families", "heldout_compositions",
+              "heldout_label_words"):
+      assert f"{prefix}_{m}" in mixtures, f"{prefix}_{m}"
+  assert set(common.mixture_tasks("builtin_heldout")) == set(
+      mixtures["builtin_heldout_families"] + mixtures["builtin_heldout_compositions"]
+      + mixtures["builtin_heldout_label_words"])
+  assert not set(mixtures["builtin_train"]) & set(mixtures["builtin_heldout"])
+  assert "builtin.task001_reverse" in mixtures["builtin_train"]
+
+
+def test_three_input_variants(registered):
+  _, mixtures = registered
+  name = mixtures["builtin_heldout"][0]
+  base = name.split(".", 1)[1]
+  hyper = common.get_examples(name, "test")
+  concat = common.get_examples(f"builtin_concat.{base}", "test")
+  zero = common.get_examples(f"builtin_zeroshot.{base}", "test")
+  assert len(hyper) == SMALL.heldout_instances
+  x, y = "\x1e", "\x1f"
+  assert hyper[0]["hyper_inputs"].count(x) == 4 and hyper[0]["hyper_inputs"].startswith(x)
+  assert len({e["hyper_inputs"] for e in hyper}) == 1  # fixed eval demos
+  assert concat[0]["inputs"] == f"{hyper[0]['hyper_inputs']} {x} {hyper[0]['inputs']} {y}"
+  assert concat[0]["hyper_inputs"] == "" and zero[0]["hyper_inputs"] == ""
+  assert zero[0]["inputs"] == hyper[0]["inputs"]
+  # Fixed eval demos come from the held-out pool, never from evaluated instances.
+  evaluated = {e["inputs"] for e in hyper}
+  demos = common.get_eval_demonstrations(name)
+  assert len(demos) == 4 and not {d[0] for d in demos} & evaluated
+  # Training split: demos sampled per example, never the example itself.
+  tr = common.get_examples("builtin.task001_reverse", "train")
+  for e in tr:
+    assert f"{x} {e['inputs']} {y}" not in e["hyper_inputs"]
+  assert len(common.get_examples("builtin.task001_reverse", "validation")) == 5
+
+
+def test_batches_through_converter(registered):
+  ds = common.get_batches("builtin_train", "train", 8, builtin.SUGGESTED_TASK_FEATURE_LENGTHS)
+  b = next(ds.as_numpy_iterator())
+  assert b["hyper_encoder_input_tokens"].shape == (8, 256)
+  assert b["encoder_input_tokens"].shape == (8, 32)
+  assert b["decoder_target_tokens"].shape == (8, 16)
+  assert (b["decoder_input_tokens"][:, 0] == 0).all()
+  np.testing.assert_array_equal(b["decoder_input_tokens"][:, 1:], b["decoder_target_tokens"][:, :-1])
+  # Byte-level strings are short: nothing but padding past 32 hyper tokens per demo.
+  assert (b["encoder_input_tokens"] == 1).sum() == 8  # one EOS each, none trimmed away
+  ds = common.get_batches("builtin_concat_heldout", "test", 4,
+                          builtin.SUGGESTED_CONCAT_TASK_FEATURE_LENGTHS, shuffle=False,
+                          num_epochs=1)
+  b = next(ds.as_numpy_iterator())
+  assert b["encoder_input_tokens"].shape == (4, 288)
+  assert (b["hyper_encoder_input_tokens"] == np.array([[1]])).all()  # empty hyper: EOS
+
+
+def test_rank_classification_on_heldout_label_words(registered):
+  _, mixtures = registered
+  name = mixtures["builtin_heldout_label_words"][0]
+  task = seqio.get_mixture_or_task(name)
+  batches = list(rank_classification.get_scoring_batches(
+      task, "test", 16, builtin.SUGGESTED_TASK_FEATURE_LENGTHS).as_numpy_iterator())
+  ids = np.concatenate([b["example_id"] for b in batches])
+  assert len(ids) == 2 * SMALL.heldout_instances
+  choice = np.concatenate([b["choice_index"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  # Zero-shot "always choice 0" scorer is near chance on balanced classes.
+  acc = metrics.rank_classification_accuracy(ids, choice, labels, -choice.astype(float))
+  assert 20 <= acc <= 80

@@ -1,0 +1,181 @@
+"""Tests of the S-NI loader and registry: small files made here + the real files."""
+
+import json
+import os
+
+import pytest
+import seqio
+
+from hypertune.data import formatting
+from hypertune.data import sni
+from tasks import common
+from tasks import sni as sni_tasks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SNI_DIR = os.path.join(REPO, "..", "shared", "data", "sni")
+SPM = os.path.join(REPO, common.T5_VOCAB_RELATIVE_PATH)
+
+
+def _task(n=5, **over):
+  t = {
+      "Definition": ["Answer with the opposite word."],
+      "Input_language": ["English"], "Output_language": ["English"],
+      "Positive Examples": [{"input": "hot", "output": "cold", "explanation": ""},
+                            {"input": "up", "output": "down", "explanation": ""},
+                            {"input": "big", "output": "small", "explanation": ""}],
+      "Negative Examples": [],
+      "Instances": [{"id": f"i{i}", "input": f"word{i}", "output": [f"opp{i}", f"alt{i}"]}
+                    for i in range(n)],
+  }
+  t.update(over)
+  return t
+
+
+def _write(root, tasks, train, test):
+  os.makedirs(os.path.join(root, "tasks"), exist_ok=True)
+  os.makedirs(os.path.join(root, "splits", "default"), exist_ok=True)
+  for name, t in tasks.items():
+    with open(os.path.join(root, "tasks", name + ".json"), "w") as f:
+      f.write(t if isinstance(t, str) else json.dumps(t))
+  for split, names in (("train", train), ("test", test)):
+    with open(os.path.join(root, "splits", "default", f"{split}_tasks.txt"), "w") as f:
+      f.write("\n".join(names) + "\n")
+  return root
+
+
+@pytest.mark.parametrize("mutate, field, problem", [
+    (lambda t: t.pop("Definition"), "Definition", "missing"),
+    (lambda t: t.pop("Instances"), "Instances", "missing"),
+    (lambda t: t.update(Instances=[]), "Instances", "empty"),
+    (lambda t: t["Instances"][1].update(output="opp"), "Instances[1].output", "list of strings"),
+    (lambda t: t["Instances"][2].update(input=None), "Instances[2].input", "string"),
+    (lambda t: t.update(Definition=[]), "Definition", "string or list"),
+    (lambda t: t["Positive Examples"][0].update(output=3), "Positive Examples[0].output", "string"),
+])
+def test_malformed_files_name_file_task_and_field(tmp_path, mutate, field, problem):
+  t = _task()
+  mutate(t)
+  path = tmp_path / "task999_bad.json"
+  path.write_text(json.dumps(t))
+  with pytest.raises(sni.TaskFileError) as e:
+    sni.load_task_file(str(path))
+  msg = str(e.value)
+  assert str(path) in msg and "task999_bad" in msg and repr(field) in msg and problem in msg
+
+
+def test_bad_json(tmp_path):
+  path = tmp_path / "task1_x.json"
+  path.write_text("{not json")
+  with pytest.raises(sni.TaskFileError, match=r"task1_x.json: task 'task1_x', field '<json>': bad JSON"):
+    sni.load_task_file(str(path))
+
+
+def test_golden_def_2pos_example(tmp_path):
+  """Pins the exact HyperT5 appendix A.1 string with the T5 <x>/<y> extra ids."""
+  root = _write(str(tmp_path / "d"), {"task1_opp": _task(), "task2_opp": _task()},
+                ["task1_opp"], ["task2_opp"])
+  vocab = seqio.ByteVocabulary()
+  tasks = sni_tasks.register_sni_layout(root, vocab, prefix="gold", settings=("def_2pos",),
+                                        hyper_modes=("hyper", "concat"))
+  ex = common.get_examples("gold_def_2pos.task2_opp", "test")[0]
+  x, y = formatting.BYTE_TOKENS.x, formatting.BYTE_TOKENS.y
+  assert ex["hyper_inputs"] == (
+      f"{x} Answer with the opposite word. {x} hot {y} cold {x} up {y} down")
+  assert ex["inputs"] == "word0" and ex["targets"] == "opp0"
+  assert ex["references"] == ["opp0", "alt0"]
+  c = common.get_examples("gold_def_2pos_concat.task2_opp", "test")[0]
+  assert c["inputs"] == (f"{x} Answer with the opposite word. {x} hot {y} cold "
+                         f"{x} up {y} down {x} word0 {y}")
+  assert set(tasks) == {"gold_def_2pos_train", "gold_def_2pos_test",
+                        "gold_def_2pos_concat_train", "gold_def_2pos_concat_test"}
+
+
+def test_settings_english_filter_and_mixtures(tmp_path):
+  tasks = {f"task{i}_t": _task(n=3 + i) for i in range(4)}
+  tasks["task9_fr"] = _task(Input_language=["French"])
+  root = _write(str(tmp_path / "d"), tasks, ["task0_t", "task1_t", "task2_t", "task9_fr",
+                                              "task77_absent"], ["task3_t"])
+  out = sni_tasks.register_sni_layout(
+      root, seqio.ByteVocabulary(), prefix="t2", settings=("def", "fewshot", "none"),
+      hyper_modes=("hyper", "none"), k=2, mixing_cap=4)
+  assert sorted(out["t2_def_train"]) == ["t2_def.task0_t", "t2_def.task1_t", "t2_def.task2_t"]
+  assert out["t2_def_test"] == ["t2_def.task3_t"]
+  assert "t2_zeroshot_train" in out
+  mix = seqio.get_mixture_or_task("t2_def_train")
+  rates = {t.name: mix.get_rate(t) for t in mix.tasks}
+  assert rates == {"t2_def.task0_t": 3.0, "t2_def.task1_t": 4.0, "t2_def.task2_t": 4.0}
+  d = common.get_examples("t2_def.task3_t", "test")[0]
+  assert d["hyper_inputs"] == f"{formatting.BYTE_TOKENS.x} Answer with the opposite word."
+  f = common.get_examples("t2_fewshot.task0_t", "train")
+  assert all(e["hyper_inputs"].count(formatting.BYTE_TOKENS.y) == 2 for e in f)
+  assert "Answer" not in f[0]["hyper_inputs"]
+  z = common.get_examples("t2_zeroshot.task0_t", "train")[0]
+  assert z["hyper_inputs"] == "" and z["inputs"] == "word0"
+  # Train targets are sampled among outputs; test keeps all as references.
+  targets = {e["targets"] for ep in range(8) for e in common.get_examples("t2_def.task2_t", "train", ep)[:1]}
+  assert targets == {"opp0", "alt0"}
+  with pytest.raises(ValueError, match="unknown S-NI setting"):
+    sni_tasks.register_sni_layout(root, seqio.ByteVocabulary(), prefix="t3", settings=("defs",))
+
+
+def test_max_instances_and_validation(tmp_path):
+  root = _write(str(tmp_path / "d"), {"task1_a": _task(n=30), "task2_b": _task(n=30)},
+                ["task1_a"], ["task2_b"])
+  sni_tasks.register_sni_layout(root, seqio.ByteVocabulary(), prefix="t4",
+                                settings=("fewshot",), k=4, max_train_instances=10,
+                                max_eval_instances=12, num_validation=3)
+  assert len(common.get_examples("t4_fewshot.task1_a", "train")) == 10
+  assert len(common.get_examples("t4_fewshot.task1_a", "validation")) == 3
+  assert len(common.get_examples("t4_fewshot.task2_b", "test")) == 12
+  # Eval demos come from instances past the evaluated 12.
+  demos = common.get_eval_demonstrations("t4_fewshot.task2_b")
+  assert len(demos) == 4 and all(int(d[0][4:]) >= 12 for d in demos)
+
+
+# -- real data ----------------------------------------------------------------
+
+needs_sni = pytest.mark.skipif(not os.path.isdir(SNI_DIR), reason="../shared/data/sni absent")
+
+
+@needs_sni
+def test_real_all_train_and_test_files_load():
+  layout = sni.find_layout(SNI_DIR)
+  assert len(layout.train_tasks) == 756 and len(layout.test_tasks) == 119
+  train, missing_tr = sni.load_tasks(layout, layout.train_tasks, "train")
+  test, missing_te = sni.load_tasks(layout, layout.test_tasks, "test")
+  assert len(train) == 204 and len(test) == 22
+  assert len(missing_tr) == 756 - 204 and len(missing_te) == 119 - 22
+  assert all(t.num_examples("test") == 100 for t in test)
+  assert all(t.instruction and len(t.positive_examples) >= 2 for t in train + test)
+  # The official references agree with the test files' outputs.
+  refs = {}
+  with open(os.path.join(SNI_DIR, "refs", "test_references.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      refs[r["id"]] = r["references"]
+  for t in test[:5]:
+    for ex in t.splits["test"]:
+      assert list(ex.outputs) == refs[ex.id]
+
+
+@needs_sni
+def test_real_golden_def_2pos_with_t5_vocab():
+  if not os.path.exists(SPM):
+    pytest.skip("T5 vocabulary absent")
+  vocab = common.get_vocabulary("sentencepiece", SPM)
+  layout = sni.find_layout(SNI_DIR)
+  layout.train_tasks = []
+  layout.test_tasks = ["task1356_xlsum_title_generation"]
+  tasks, _ = sni.load_tasks(layout, layout.test_tasks, "test")
+  from hypertune.data import fewshot  # pylint: disable=g-import-not-at-top
+  b = fewshot.ExampleBuilder(tasks[0], fewshot.HyperConfig(demos="positive", k=2),
+                             formatting.special_tokens_for(vocab), common.length_fn_for(vocab))
+  ex = next(b.examples("test"))
+  assert ex["hyper_inputs"].startswith(
+      "<extra_id_0> In this task, you are given a text of the article. Your task is to "
+      "generate a headline (title) for this article. <extra_id_0> ")
+  assert ex["hyper_inputs"].count("<extra_id_0>") == 3
+  assert ex["hyper_inputs"].count("<extra_id_1>") == 2
+  assert ex["targets"] == "Edinburgh International Film Festival admissions up by 9%"
+  ids = vocab.encode(ex["hyper_inputs"])
+  assert ids[0] == 32099 and ids.count(32098) == 2 and len(ids) < 1024
