@@ -24,11 +24,13 @@ setuptools.setup(
         "sentencepiece>=0.2",
         "numpy>=1.26",
         "pyyaml>=6",
+        "safetensors>=0.4",
+        "tensorboardX>=2.6",
         "jinja2>=3",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],
         # Used only by parity tests and benchmarks; torch pinned to the local CPU wheel.
-        "reference": ["torch==2.13.0", "transformers>=4.40", "safetensors>=0.4", "peft>=0.10"],
+        "reference": ["torch==2.13.0", "transformers>=5.0", "peft>=0.10"],
     },
 )

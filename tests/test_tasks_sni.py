@@ -165,17 +165,24 @@ def test_real_golden_def_2pos_with_t5_vocab():
   vocab = common.get_vocabulary("sentencepiece", SPM)
   layout = sni.find_layout(SNI_DIR)
   layout.train_tasks = []
-  layout.test_tasks = ["task1356_xlsum_title_generation"]
+  layout.test_tasks = ["task1393_superglue_copa_text_completion"]
   tasks, _ = sni.load_tasks(layout, layout.test_tasks, "test")
   from hypertune.data import fewshot  # pylint: disable=g-import-not-at-top
   b = fewshot.ExampleBuilder(tasks[0], fewshot.HyperConfig(demos="positive", k=2),
                              formatting.special_tokens_for(vocab), common.length_fn_for(vocab))
   ex = next(b.examples("test"))
-  assert ex["hyper_inputs"].startswith(
-      "<extra_id_0> In this task, you are given a text of the article. Your task is to "
-      "generate a headline (title) for this article. <extra_id_0> ")
-  assert ex["hyper_inputs"].count("<extra_id_0>") == 3
-  assert ex["hyper_inputs"].count("<extra_id_1>") == 2
-  assert ex["targets"] == "Edinburgh International Film Festival admissions up by 9%"
+  assert ex["hyper_inputs"] == (
+      "<extra_id_0> In this task, you are given a premise sentence, two possible options and "
+      "a question word. If the question was cause you should select the option that is a "
+      "possible cause of the premise sentence, and if the question word was effect you should "
+      "find the option which is a possible effect of the premise sentence. Answer with \"A\" "
+      "or \"B\". "
+      "<extra_id_0> The animal species became endangered. (A) Their habitat was destroyed. "
+      "(B) Their predators went extinct., Question: cause <extra_id_1> A "
+      "<extra_id_0> The bar closed. (A) It was crowded. (B) It was 3 AM., Question: cause "
+      "<extra_id_1> B")
+  assert ex["inputs"] == ("The man fell unconscious. (A) The assailant struck the man in the "
+                          "head. (B) The assailant took the man's wallet., Question: cause")
+  assert ex["targets"] == "A" and ex["references"] == ["A"]
   ids = vocab.encode(ex["hyper_inputs"])
-  assert ids[0] == 32099 and ids.count(32098) == 2 and len(ids) < 1024
+  assert ids[0] == 32099 and ids.count(32099) == 3 and ids.count(32098) == 2

@@ -1,0 +1,217 @@
+"""Per-example PEFT semantics, scan vs unrolled, decoding vs teacher forcing, error messages."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta
+
+from hypertune.models import decoding, hf_convert
+from hypertune.models.config import t5_config
+from hypertune.models.layers import Attention
+from hypertune.models.peft import Adapter, LoRA, PeftParams, PeftShapeError, Prefix
+from hypertune.models.t5 import T5
+
+CFG = t5_config("tiny", vocab_size=64, d_model=32, d_kv=8, num_heads=4, num_encoder_layers=2,
+                num_decoder_layers=3)  # inner_dim 32, unequal depths
+ENC = np.array([[5, 6, 7, 8, 1, 0], [9, 10, 11, 12, 13, 1]])
+DEC = np.array([[0, 3, 4, 5], [0, 6, 7, 1]])
+B = len(ENC)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = T5(CFG)
+  params = meta.unbox(model.init(jax.random.key(0), ENC, DEC)["params"])
+  return model, params
+
+
+def rand(key, shape, scale=0.5):
+  return scale * jax.random.normal(jax.random.key(key), shape)
+
+
+def full_peft(batch=B, seed=0, prefix_len=3, rank=2, bottleneck=5, memory_len=2):
+  """Every kind of PEFT, different for every example."""
+  h, k, d = CFG.num_heads, CFG.d_kv, CFG.d_model
+  n = {"encoder_self": 2, "decoder_self": 3, "decoder_cross": 3}
+  prefixes = {kind: Prefix(rand(seed + i, (batch, L, prefix_len, h, k)),
+                           rand(seed + 10 + i, (batch, L, prefix_len, h, k)))
+              for i, (kind, L) in enumerate(n.items())}
+  lora = {}
+  for i, (kind, L) in enumerate(n.items()):
+    for j, proj in enumerate("qkvo"):
+      lora[f"{kind}/{proj}"] = LoRA(rand(100 + 4 * i + j, (batch, L, rank, d)),
+                                    rand(200 + 4 * i + j, (batch, L, d, rank)), scale=2.0)
+  adapters = {"encoder": Adapter(rand(300, (batch, 2, bottleneck, d)),
+                                 rand(301, (batch, 2, d, bottleneck))),
+              "decoder": Adapter(rand(302, (batch, 3, bottleneck, d)),
+                                 rand(303, (batch, 3, d, bottleneck)))}
+  return PeftParams(prefixes=prefixes, lora=lora, adapters=adapters,
+                    extra_memory=rand(400, (batch, memory_len, d)),
+                    extra_memory_mask=jnp.ones((batch, memory_len), bool).at[0, 1].set(False))
+
+
+def logits(model, params, peft=None, enc=ENC, dec=DEC):
+  return np.asarray(model.apply({"params": params}, enc, dec, peft))
+
+
+def test_every_peft_kind_changes_the_output(model_and_params):
+  model, params = model_and_params
+  base = logits(model, params)
+  peft = full_peft()
+  for part in ("prefixes", "lora", "adapters"):
+    only = PeftParams(**{part: getattr(peft, part)})
+    assert np.abs(logits(model, params, only) - base).max() > 1e-3, part
+  memory = PeftParams(extra_memory=peft.extra_memory, extra_memory_mask=peft.extra_memory_mask)
+  assert np.abs(logits(model, params, memory) - base).max() > 1e-3
+
+
+def test_zero_lora_and_adapters_change_nothing(model_and_params):
+  model, params = model_and_params
+  peft = full_peft()
+  zero = PeftParams(
+      lora={k: LoRA(v.down, jnp.zeros_like(v.up), v.scale) for k, v in peft.lora.items()},
+      adapters={k: Adapter(v.down, jnp.zeros_like(v.up)) for k, v in peft.adapters.items()})
+  np.testing.assert_allclose(logits(model, params, zero), logits(model, params), atol=1e-5)
+
+
+def test_masked_extra_memory_changes_nothing(model_and_params):
+  model, params = model_and_params
+  peft = full_peft()
+  masked = PeftParams(extra_memory=peft.extra_memory,
+                      extra_memory_mask=jnp.zeros_like(peft.extra_memory_mask))
+  np.testing.assert_allclose(logits(model, params, masked), logits(model, params), atol=1e-5)
+
+
+def test_vanishing_prefix_changes_nothing():
+  """Queries whose head_dim 0 is always 1 and prefix keys of -1e4 there: zero prefix weight."""
+  cfg = CFG
+  attn = Attention(cfg)
+  x = jax.random.normal(jax.random.key(1), (B, 5, cfg.d_model)).at[..., 0].set(1.0)
+  bias = jnp.zeros((1, cfg.num_heads, 5, 5))
+  mask = jnp.ones((B, 1, 1, 5), bool).at[0, ..., -1].set(False)
+  params = meta.unbox(attn.init(jax.random.key(0), x, x, bias, mask)["params"])
+  wq = params["query"].at[:, :, 0].set(0.0).at[0, :, 0].set(1.0)  # q[..., h, 0] = x[..., 0] = 1
+  params = dict(params, query=wq)
+  key = jnp.zeros((B, 3, cfg.num_heads, cfg.d_kv)).at[..., 0].set(-1e4)
+  prefix = Prefix(key, rand(5, key.shape))
+  with_prefix = attn.apply({"params": params}, x, x, bias, mask, prefix)
+  without = attn.apply({"params": params}, x, x, bias, mask)
+  np.testing.assert_allclose(with_prefix, without, atol=1e-5)
+  visible = Prefix(jnp.zeros_like(key), prefix.value)  # a visible prefix does change it
+  assert np.abs(attn.apply({"params": params}, x, x, bias, mask, visible) - without).max() > 1e-3
+
+
+def test_examples_do_not_leak_into_each_other(model_and_params):
+  """A batch of 2 with different PEFT parameters equals two batches of 1."""
+  model, params = model_and_params
+  peft = full_peft()
+  together = logits(model, params, peft)
+  for i in range(B):
+    row = jax.tree.map(lambda a: a[i:i + 1], peft)
+    alone = logits(model, params, row, ENC[i:i + 1], DEC[i:i + 1])
+    np.testing.assert_allclose(together[i:i + 1], alone, atol=1e-5)
+
+
+def test_scan_and_unrolled_are_identical(model_and_params, tmp_path):
+  model, params = model_and_params
+  hf_convert.save_hf_t5(str(tmp_path), CFG, params)
+  _, unrolled_params = hf_convert.load_hf_t5(str(tmp_path), config=CFG.replace(scan_layers=False))
+  assert "layers_2" in unrolled_params["decoder"]
+  unrolled = T5(CFG.replace(scan_layers=False))
+  peft = full_peft()
+  np.testing.assert_allclose(logits(unrolled, unrolled_params, peft), logits(model, params, peft),
+                             atol=1e-5)
+  # and the unrolled init has the same parameter tree as the converted one
+  init_tree = jax.eval_shape(lambda: unrolled.init(jax.random.key(0), ENC, DEC))["params"]
+  assert (jax.tree.structure(meta.unbox(init_tree)) == jax.tree.structure(unrolled_params))
+
+
+def test_remat_gives_same_gradients(model_and_params):
+  model, params = model_and_params
+  remat = T5(CFG.replace(remat=True))
+  peft = full_peft()
+
+  def loss(m):
+    return lambda p: jnp.mean(m.apply({"params": p}, ENC, DEC, peft) ** 2)
+  g1 = jax.jit(jax.grad(loss(model)))(params)
+  g2 = jax.jit(jax.grad(loss(remat)))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g2)
+
+
+def test_greedy_decoding_with_peft_agrees_with_teacher_forcing(model_and_params):
+  """The cached decode path (prefixes, LoRA, adapters, memory) equals full recomputation."""
+  model, params = model_and_params
+  peft = full_peft()
+  max_len = 6
+  tokens = np.asarray(decoding.greedy_decode(model, params, jnp.asarray(ENC), peft,
+                                             max_decode_len=max_len))
+  dec_in = np.concatenate([np.zeros((B, 1), int), tokens[:, :-1]], axis=1)
+  forced = logits(model, params, peft, ENC, dec_in).argmax(-1)
+  for row, ref in zip(tokens, forced):
+    n = list(row).index(1) + 1 if 1 in row else max_len
+    assert list(row[:n]) == list(ref[:n])
+
+
+def test_beam_search_best_is_at_least_greedy(model_and_params):
+  model, params = model_and_params
+  peft = full_peft()
+  greedy = jnp.asarray(decoding.greedy_decode(model, params, jnp.asarray(ENC), peft,
+                                              max_decode_len=5))
+  seqs, scores = decoding.beam_search(model, params, jnp.asarray(ENC), peft, max_decode_len=5,
+                                      num_beams=3)
+  assert seqs.shape == (B, 3, 5) and np.all(np.diff(np.asarray(scores), axis=1) <= 1e-6)
+
+  def normalized_score(t):
+    dec_in = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), t[:, :-1]], axis=1)
+    total, _ = decoding.token_log_likelihood(model, params, jnp.asarray(ENC), dec_in, t, peft)
+    length = jnp.sum(t != 0, axis=1)  # generated tokens incl. EOS (no token id 0 appears)
+    return total / length
+  assert np.all(np.asarray(scores[:, 0]) >= np.asarray(normalized_score(greedy)) - 1e-4)
+  np.testing.assert_allclose(scores[:, 0], normalized_score(seqs[:, 0]), atol=1e-4)
+
+
+def test_token_log_likelihood_sum_and_mean(model_and_params):
+  model, params = model_and_params
+  targets = np.array([[3, 4, 5, 1], [6, 7, 1, 0]])
+  dec_in = np.array([[0, 3, 4, 5], [0, 6, 7, 1]])
+  total, mean = decoding.token_log_likelihood(model, params, ENC, dec_in, targets)
+  lp = jax.nn.log_softmax(logits(model, params, None, ENC, dec_in))
+  expected = [sum(lp[b, t, targets[b, t]] for t in range(4) if targets[b, t]) for b in range(B)]
+  np.testing.assert_allclose(total, expected, rtol=1e-5)
+  np.testing.assert_allclose(mean, np.array(expected) / np.array([4, 3]), rtol=1e-5)
+
+
+def test_bfloat16_compute_is_close_to_float32(model_and_params):
+  model, params = model_and_params
+  bf16 = T5(CFG.replace(dtype="bfloat16"))
+  out = logits(bf16, params)
+  assert out.dtype == np.float32
+  assert np.abs(out - logits(model, params)).max() < 0.1 * np.abs(logits(model, params)).max()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p.replace(prefixes={"encoder_self": Prefix(
+        jnp.zeros((B, 2, 3, 4, 7)), jnp.zeros((B, 2, 3, 4, 8)))}),
+     r"prefixes\['encoder_self'\]\.key has shape \(2, 2, 3, 4, 7\); expected \(2, 2, 3, 4, 8\)"),
+    (lambda p: p.replace(lora={"decoder_cross/v": LoRA(jnp.zeros((B, 3, 2, 31)),
+                                                       jnp.zeros((B, 3, 32, 2)))}),
+     r"lora\['decoder_cross/v'\]\.down has shape \(2, 3, 2, 31\); expected \(2, 3, 2, 32\)"),
+    (lambda p: p.replace(adapters={"decoder": Adapter(jnp.zeros((B, 2, 5, 32)),
+                                                      jnp.zeros((B, 2, 32, 5)))}),
+     r"adapters\['decoder'\]\.down has shape \(2, 2, 5, 32\); expected \(2, 3, 5, 32\)"),
+    (lambda p: p.replace(lora={"encoder_self/x": LoRA(jnp.zeros(1), jnp.zeros(1))}),
+     r"lora\['encoder_self/x'\]"),
+])
+def test_wrong_peft_shape_is_named(model_and_params, mutate, message):
+  model, params = model_and_params
+  with pytest.raises(PeftShapeError, match=message):
+    jax.jit(lambda p, peft: model.apply({"params": p}, ENC, DEC, peft))(params,
+                                                                        mutate(PeftParams()))
+
+
+def test_params_carry_logical_axes():
+  boxed = T5(CFG).init(jax.random.key(0), ENC, DEC)["params"]
+  q = boxed["encoder"]["layers"]["attention"]["query"]
+  assert q.names == ("layers", "embed", "heads", "kv")
+  assert boxed["token_embedder"]["embedding"].names == ("vocab", "embed")
+  assert boxed["decoder"]["layers"]["mlp"]["wi_0"].names == ("layers", "embed", "mlp")
