@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import logging
+import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import gin
@@ -101,6 +102,11 @@ class GeneratorDataSource(seqio.FunctionDataSource):
                                shard_info=shard_info, **kwargs)
 
 
+def safe_name(name: str) -> str:
+  """A source task name as a seqio-safe identifier ("-" etc. become "_")."""
+  return re.sub(r"[^\w.#:]+", "_", name)
+
+
 def _remove(name: str) -> None:
   # Re-registering (e.g. a second register_* call with other options) replaces.
   seqio.TaskRegistry.remove(name)
@@ -113,10 +119,15 @@ def register_three_input_task(
     config: fewshot.HyperConfig,
     vocabulary: seqio.Vocabulary,
     metric_fns: Optional[Sequence[Callable]] = None,
+    builder: Optional[fewshot.ExampleBuilder] = None,
 ) -> seqio.Task:
-  """Registers `task` under seqio name `name` with the given formatting config."""
-  tokens = formatting.special_tokens_for(vocabulary)
-  builder = fewshot.ExampleBuilder(task, config, tokens, length_fn_for(vocabulary))
+  """Registers `task` under seqio name `name` with the given formatting config.
+
+  `builder` overrides the default ExampleBuilder (e.g. symbol tuning's relabelling).
+  """
+  if builder is None:
+    tokens = formatting.special_tokens_for(vocabulary)
+    builder = fewshot.ExampleBuilder(task, config, tokens, length_fn_for(vocabulary))
   splits = sorted(s for s, exs in task.splits.items() if exs)
 
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None):

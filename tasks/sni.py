@@ -88,7 +88,7 @@ def register_sni_layout(
                              else max_inputs_length))
       sizes = {}
       for t in train_tasks + test_tasks:
-        name = f"{variant}.{t.name}"
+        name = f"{variant}.{common.safe_name(t.name)}"
         common.register_three_input_task(name, t, cfg, vocabulary)
         sizes[t.name] = t.num_examples("train") or t.num_examples("test")
       lists = {"train": [t.name for t in train_tasks], "test": [t.name for t in test_tasks]}
@@ -98,7 +98,8 @@ def register_sni_layout(
         if not names:
           continue
         mix = f"{variant}_{aliases.get(lname, lname)}"
-        rates = common.size_proportional_rates({f"{variant}.{n}": sizes[n] for n in names},
+        rates = common.size_proportional_rates(
+            {f"{variant}.{common.safe_name(n)}": sizes[n] for n in names},
                                                mixing_cap if lname == "train" else None)
         common.register_mixture(mix, rates)
         out[mix] = list(rates)

@@ -186,3 +186,16 @@ def test_real_golden_def_2pos_with_t5_vocab():
   assert ex["targets"] == "A" and ex["references"] == ["A"]
   ids = vocab.encode(ex["hyper_inputs"])
   assert ids[0] == 32099 and ids.count(32099) == 3 and ids.count(32098) == 2
+
+
+@needs_sni
+def test_real_register_sni_end_to_end():
+  out = sni_tasks.register_sni(SNI_DIR, seqio.ByteVocabulary(), settings=("def_2pos",),
+                               hyper_modes=("hyper",))
+  assert len(out["sni_def_2pos_train"]) == 204 and len(out["sni_def_2pos_test"]) == 22
+  # Names with "-" in the source are made seqio-safe.
+  assert "sni_def_2pos.task105_story_cloze_rocstories_sentence_generation" in \
+      out["sni_def_2pos_train"] or all("-" not in n for n in out["sni_def_2pos_train"])
+  ds = common.get_batches("sni_def_2pos_test", "test", 2, shuffle=False, num_epochs=1)
+  b = next(ds.as_numpy_iterator())
+  assert b["hyper_encoder_input_tokens"].shape == (2, 1024)

@@ -102,7 +102,7 @@ class HyperConfig:
   demos: str = "sampled"
   k: int = 16
   seed: int = 0
-  # Token budgets (EOS excluded from none of them: we reserve one token for it).
+  # Token budgets in tokens including the EOS the output feature appends.
   max_hyper_length: Optional[int] = 1024
   max_inputs_length: Optional[int] = 384
 

@@ -7,7 +7,6 @@ the list of references of the example.
 
 from __future__ import annotations
 
-import collections
 import re
 import string
 from typing import Dict, List, Sequence, Union
@@ -117,7 +116,3 @@ def rank_classification_accuracy(example_ids, choice_indices, labels, scores) ->
   for e, l in zip(example_ids, labels):
     gold[int(e)] = int(l)
   return accuracy([gold[e] for e in sorted(preds)], [preds[e] for e in sorted(preds)])
-
-
-def class_counts(labels: Sequence) -> Dict:
-  return dict(collections.Counter(labels))

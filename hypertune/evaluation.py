@@ -1,0 +1,128 @@
+"""Evaluation as at deployment: PEFT parameters are generated once per task from its fixed
+demonstrations, then every query of the task runs with them (no hypernetwork call per query).
+
+Rank classification (P3 protocol: the answer choice with the highest total target
+log-likelihood; accuracy) and generation (greedy or beam; ROUGE-L with S-NI's scoring, exact
+match), per task and averaged.
+"""
+import json
+import logging
+import os
+from typing import Dict, Mapping, Optional, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+
+from hypertune import metrics as metrics_lib
+from hypertune.models import decoding
+from hypertune.models.hypermodel import HyperModel
+from hypertune.models.t5 import T5
+
+
+def _pad_batch(batch: Mapping[str, np.ndarray], size: int) -> Dict[str, np.ndarray]:
+  """Pad the batch axis to `size` (one compiled shape for the last, smaller batch)."""
+  n = len(next(iter(batch.values())))
+  return {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)]) if n < size else v
+          for k, v in batch.items()}
+
+
+class Evaluator:
+  """Scores or decodes tasks with a HyperModel's parameters; compiled functions are shared."""
+
+  def __init__(self, model: HyperModel, task_feature_lengths: Mapping[str, int],
+               batch_size: int = 32, max_decode_len: Optional[int] = None, num_beams: int = 1):
+    self.model = model
+    self.downstream = T5(model.config)
+    self.lengths = dict(task_feature_lengths)
+    self.batch_size = batch_size
+    self.max_decode_len = max_decode_len or self.lengths["targets"]
+    self.num_beams = num_beams
+    self._peft = jax.jit(lambda p, t: model.apply({"params": p}, t, method=HyperModel.generate_peft))
+    self._score = jax.jit(lambda p, b, peft: decoding.token_log_likelihood(
+        self.downstream, p, b["encoder_input_tokens"], b["decoder_input_tokens"],
+        b["decoder_target_tokens"], peft, b["decoder_loss_weights"])[0])
+
+  def task_peft(self, params, batch, size):
+    """Generate the task's PEFT parameters from one row (all rows share the demonstrations)."""
+    if self.model.hypernet is None:
+      return None
+    peft = self._peft(params, jnp.asarray(batch["hyper_encoder_input_tokens"][:1]))
+    return peft.repeat(size)
+
+  def rank_classification(self, params, task_name: str, split: str) -> Dict[str, float]:
+    from hypertune.data import rank_classification  # pylint: disable=g-import-not-at-top
+    task = seqio.get_mixture_or_task(task_name)
+    scores, ids, choices, labels = [], [], [], []
+    peft = None
+    for batch in rank_classification.get_scoring_batches(
+        task, split, self.batch_size, self.lengths).as_numpy_iterator():
+      n = len(batch["example_id"])
+      padded = _pad_batch(batch, self.batch_size)
+      if peft is None:
+        peft = self.task_peft(params, padded, self.batch_size)
+      s = self._score(params["downstream"], {k: jnp.asarray(v) for k, v in padded.items()
+                                             if k.startswith(("encoder", "decoder"))}, peft)
+      scores.append(np.asarray(s)[:n])
+      ids.append(batch["example_id"])
+      choices.append(batch["choice_index"])
+      labels.append(batch["label"])
+    acc = metrics_lib.rank_classification_accuracy(
+        np.concatenate(scores), np.concatenate(ids), np.concatenate(choices),
+        np.concatenate(labels))
+    return {"accuracy": acc}
+
+  def generation(self, params, task_name: str, split: str) -> Dict[str, float]:
+    from tasks import common  # pylint: disable=g-import-not-at-top
+    task = seqio.get_mixture_or_task(task_name)
+    vocab = task.output_features["targets"].vocabulary
+    references = [ex["references"] for ex in common.get_examples(task_name, split)]
+    predictions = []
+    peft = None
+    ds = common.get_batches(task_name, split, self.batch_size, self.lengths, shuffle=False,
+                            num_epochs=1, drop_remainder=False)
+    for batch in ds.as_numpy_iterator():
+      n = len(batch["encoder_input_tokens"])
+      padded = _pad_batch(batch, self.batch_size)
+      if peft is None:
+        peft = self.task_peft(params, padded, self.batch_size)
+      enc = jnp.asarray(padded["encoder_input_tokens"])
+      if self.num_beams > 1:
+        tokens = decoding.beam_search(self.downstream, params["downstream"], enc, peft,
+                                      max_decode_len=self.max_decode_len,
+                                      num_beams=self.num_beams)[0][:, 0]
+      else:
+        tokens = decoding.greedy_decode(self.downstream, params["downstream"], enc, peft,
+                                        max_decode_len=self.max_decode_len)
+      for row in np.asarray(tokens)[:n]:
+        row = list(row)
+        row = row[:row.index(1)] if 1 in row else row  # up to EOS
+        predictions.append(vocab.decode([t for t in row if t > 1]))
+    if len(predictions) != len(references):
+      raise RuntimeError(f"{task_name}: {len(predictions)} predictions for {len(references)} "
+                         "references")
+    return {"rougeL": metrics_lib.rouge_l(predictions, references),
+            "exact_match": metrics_lib.exact_match(predictions, references)}
+
+  def evaluate(self, params, task_names: Sequence[str], split: str) -> Dict[str, Dict]:
+    """{task: {metric: value}, "average": {metric: mean over tasks}}."""
+    from tasks import common  # pylint: disable=g-import-not-at-top
+    results = {}
+    for name in task_names:
+      first = common.get_examples(name, split)[:1]
+      if first and first[0].get("answer_choices"):
+        results[name] = self.rank_classification(params, name, split)
+      else:
+        results[name] = self.generation(params, name, split)
+      logging.info("eval %s: %s", name, results[name])
+    return metrics_lib.aggregate_task_metrics(results)
+
+
+def write_results(model_dir: str, step: int, results: Mapping) -> str:
+  os.makedirs(os.path.join(model_dir, "eval"), exist_ok=True)
+  path = os.path.join(model_dir, "eval", f"results_step{step}.json")
+  with open(path, "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  return path

@@ -1,0 +1,110 @@
+"""t5x-style command lines: `--gin_file=F` (repeatable), `--gin_search_paths=a,b`,
+`--gin_bindings='X = 1'` (repeatable) and the shorthand `--gin.MODEL_DIR=\"/tmp/run\"`."""
+import difflib
+import logging
+import os
+import re
+import sys
+from typing import List, Optional, Sequence
+
+import gin
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (seqio's data) is noisy
+
+# Configurables gin must know before parsing (their modules register them on import).
+CONFIGURABLE_MODULES = (
+    "hypertune.models.config", "hypertune.models.hypermodel", "hypertune.hypernets.hypert5",
+    "hypertune.hypernets.shared_peft", "hypertune.optimizers", "hypertune.partitioning",
+    "hypertune.checkpoints", "hypertune.evaluation", "hypertune.trainer", "tasks.builtin",
+)
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+class _DropGinProbeErrors(logging.Filter):
+  """gin's package-resource reader logs an ERROR for every search path it probes."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Path not found")
+
+
+logging.getLogger().addFilter(_DropGinProbeErrors())
+
+
+class GinConfigError(ValueError):
+  """A gin file or binding that cannot be applied; the message names it."""
+
+
+def parse_flags(argv: Sequence[str]):
+  """(gin_files, bindings, search_paths) from t5x-style flags; other flags are an error."""
+  files, bindings, paths = [], [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if "=" not in arg and arg in ("--gin_file", "--gin_bindings", "--gin_search_paths"):
+      if i + 1 >= len(args):
+        raise GinConfigError(f"{arg} needs a value")
+      arg = f"{arg}={args[i + 1]}"
+      i += 1
+    if arg.startswith("--gin_file="):
+      files.append(arg.split("=", 1)[1])
+    elif arg.startswith("--gin_bindings="):
+      bindings.append(arg.split("=", 1)[1])
+    elif arg.startswith("--gin_search_paths="):
+      paths.extend(p for p in arg.split("=", 1)[1].split(",") if p)
+    elif arg.startswith("--gin."):
+      name, _, value = arg[len("--gin."):].partition("=")
+      bindings.append(f"{name} = {value}")
+    else:
+      raise GinConfigError(f"unknown flag {arg!r}; expected --gin_file, --gin_bindings, "
+                           "--gin_search_paths or --gin.NAME=VALUE")
+    i += 1
+  return files, bindings, paths
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
+          search_paths: Sequence[str] = ()) -> None:
+  """Import configurables, then parse files and bindings with clear errors."""
+  import importlib
+  for module in CONFIGURABLE_MODULES:
+    importlib.import_module(module)
+  for path in list(search_paths) + [REPO_GIN_DIR, os.getcwd()]:
+    gin.add_config_file_search_path(path)
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
+  except (ValueError, IOError, OSError, KeyError) as e:
+    raise GinConfigError(_explain(str(e))) from None
+
+
+def _explain(message: str) -> str:
+  """Add close matches to gin's 'No configurable matching ...' messages."""
+  m = re.search(r"No configurable matching '([^']+)'", message)
+  if m:
+    known = sorted(gin.config._REGISTRY.keys())  # pylint: disable=protected-access
+    names = [k if isinstance(k, str) else k[-1] for k in known]
+    close = difflib.get_close_matches(m.group(1).split(".")[-1], names, n=3)
+    if close:
+      message += f" (did you mean: {', '.join(close)}?)"
+  return f"gin configuration error: {message}"
+
+
+def run(main, argv: Optional[List[str]] = None):
+  """Parse flags + gin, then call `main()`; configuration errors exit with one clear line."""
+  argv = sys.argv[1:] if argv is None else argv
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+  for noisy in ("absl", "tensorflow", "orbax", "jax", "etils", "seqio"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  logging.getLogger().handlers[0].addFilter(_DropGinProbeErrors())
+  try:
+    files, bindings, paths = parse_flags(argv)
+    if not files:
+      raise GinConfigError("no --gin_file given (see gin/ for the shipped configurations)")
+    parse(files, bindings, paths)
+    return main()
+  except GinConfigError as e:
+    sys.exit(f"error: {e}")
+  except (ValueError, TypeError) as e:
+    text = str(e)
+    if "gin" in text.lower() or "macro" in text.lower() or "REQUIRED" in text:
+      sys.exit(f"error: gin configuration: {text}")
+    raise

@@ -1,0 +1,40 @@
+"""Parameter-generation heads shared by the hypernetworks."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hypertune.models.layers import dot, param_with_axes
+
+
+class MLPHead(nn.Module):
+  """HyperT5's head: LayerNorm -> Dense(hidden) -> tanh -> Dense(out_features).
+
+  `[..., d_model] -> [..., out_features]`; `out_init_scale` scales the last layer's init so
+  generated parameters start small.
+  """
+  hidden: int
+  out_features: int
+  out_axis: str = "joined_kv"
+  out_init_scale: float = 1.0
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    dt = jnp.dtype(self.dtype)
+    scale = param_with_axes(self, "norm_scale", nn.initializers.ones, (d,), ("embed",))
+    shift = param_with_axes(self, "norm_bias", nn.initializers.zeros, (d,), ("embed",))
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    x = (x - mean) * jax.lax.rsqrt(var + 1e-6) * scale + shift
+    w1 = param_with_axes(self, "hidden_kernel", nn.initializers.normal(d**-0.5),
+                         (d, self.hidden), ("embed", "mlp"))
+    b1 = param_with_axes(self, "hidden_bias", nn.initializers.zeros, (self.hidden,), ("mlp",))
+    h = jnp.tanh(dot("...d,dh->...h", x, w1, jnp.float32) + b1).astype(dt)
+    w2 = param_with_axes(self, "out_kernel",
+                         nn.initializers.normal(self.out_init_scale * self.hidden**-0.5),
+                         (self.hidden, self.out_features), ("mlp", self.out_axis))
+    b2 = param_with_axes(self, "out_bias", nn.initializers.zeros, (self.out_features,),
+                         (self.out_axis,))
+    return dot("...h,ho->...o", h, w2, jnp.float32) + b2

@@ -1,0 +1,146 @@
+"""HyperT5 (Phang et al., "HyperTuning", section 4 and appendix Figures 7-8).
+
+A T5 encoder reads `hyper_inputs` (few-shot examples / instruction); a T5 decoder *without causal
+mask* reads a fixed set of learned token embeddings (2P for prefixes, 3L for LoRA) while
+cross-attending to it; MLP heads turn the decoder outputs into the downstream model's PEFT
+parameters. Both stacks can be initialised from the downstream T5 (`init_from_downstream`).
+
+    hyper_input_tokens [batch, hyper_len]
+      -> hyper_encoder            [batch, hyper_len, d]
+      -> hyper_decoder(tokens)    [batch, 2P | 3L, d]
+      -> heads                    PeftParams (prefixes [batch, layers, P, heads, head_dim]
+                                              or LoRA on q, v of every attention kind)
+"""
+import re
+from typing import Optional
+
+import flax.linen as nn
+import gin
+import jax.numpy as jnp
+import numpy as np
+
+from hypertune.hypernets.heads import MLPHead
+from hypertune.models.config import T5Config
+from hypertune.models.layers import param_with_axes
+from hypertune.models.peft import LoRA, PeftParams, Prefix
+from hypertune.models.t5 import Decoder, Encoder
+
+
+@gin.configurable
+class HyperT5(nn.Module):
+  """HyperT5-Prefix (`peft_type="prefix"`) or HyperT5-LoRA (`peft_type="lora"`).
+
+  Attributes:
+    config: the hypermodel's T5 backbone (usually the downstream config).
+    downstream: config of the model whose PEFT parameters are generated.
+    num_hyper_decoder_layers: keep only the first N decoder layers (None: all).
+    prefix_len: P, prefix tokens per layer and attention kind.
+    lora_rank: R.
+  """
+  config: T5Config
+  downstream: T5Config
+  peft_type: str = "prefix"
+  prefix_len: int = 16
+  lora_rank: int = 8
+  num_hyper_decoder_layers: Optional[int] = None
+
+  def setup(self):
+    cfg = self.config
+    if self.peft_type not in ("prefix", "lora"):
+      raise ValueError(f"HyperT5.peft_type must be 'prefix' or 'lora', got {self.peft_type!r}")
+    dec_cfg = cfg.replace(num_decoder_layers=self.num_hyper_decoder_layers or
+                          cfg.num_decoder_layers)
+    self.token_embedder = nn.Embed(
+        cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, dtype=cfg.compute_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                    ("vocab", "embed")))
+    self.hyper_encoder = Encoder(cfg)
+    self.hyper_decoder = Decoder(dec_cfg, causal=False)
+    ds = self.downstream
+    if self.peft_type == "prefix":
+      num_tokens = 2 * self.prefix_len
+      out = lambda layers: layers * ds.inner_dim
+      self.heads = {name: MLPHead(cfg.d_model, out(n), dtype=cfg.dtype, name=f"{name}_head")
+                    for name, n in (("enc_k", ds.num_encoder_layers),
+                                    ("enc_v", ds.num_encoder_layers),
+                                    ("dec_k", ds.num_decoder_layers),
+                                    ("dec_v", ds.num_decoder_layers))}
+    else:
+      if ds.num_encoder_layers != ds.num_decoder_layers:
+        raise ValueError("HyperT5-LoRA generates one token per layer of each attention kind and "
+                         "needs num_encoder_layers == num_decoder_layers in the downstream config")
+      num_tokens = 3 * ds.num_encoder_layers
+      width = self.lora_rank * (ds.d_model + ds.inner_dim)  # down [R, d_model] + up [inner, R]
+      self.heads = {f"{kind}_{proj}": MLPHead(cfg.d_model, width, dtype=cfg.dtype,
+                                              name=f"{kind}_{proj}_head")
+                    for kind in ("enc", "dec", "cross") for proj in ("q", "v")}
+      # tanh(0) = 0: generated deltas start at exactly zero and the gates learn to open.
+      self.gates = {name: self.param(f"{name}_gate", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("layers",)), (ds.num_encoder_layers,), jnp.float32)
+                    for name in self.heads}
+    self.decoder_tokens = self.param(
+        "decoder_tokens", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                       ("hyper_tokens", "embed")),
+        (num_tokens, cfg.d_model), jnp.float32)
+
+  def __call__(self, hyper_input_tokens, deterministic: bool = True) -> PeftParams:
+    """hyper_input_tokens `[batch, hyper_len]` -> PeftParams for `downstream`."""
+    cfg, ds = self.config, self.downstream
+    batch = hyper_input_tokens.shape[0]
+    mask = hyper_input_tokens != cfg.pad_id
+    encoded = self.hyper_encoder(self.token_embedder(hyper_input_tokens), mask, None,
+                                 deterministic)
+    tokens = jnp.broadcast_to(self.decoder_tokens.astype(cfg.compute_dtype),
+                              (batch,) + self.decoder_tokens.shape)
+    hidden = self.hyper_decoder(tokens, encoded, mask, None, deterministic)  # [batch, n, d]
+    if self.peft_type == "prefix":
+      p = self.prefix_len
+
+      def prefix(name, rows, layers):  # [batch, P, layers*inner] -> [batch, layers, P, h, k]
+        x = self.heads[name](rows).reshape(batch, p, layers, ds.num_heads, ds.d_kv)
+        return jnp.transpose(x, (0, 2, 1, 3, 4))
+
+      enc = Prefix(prefix("enc_k", hidden[:, :p], ds.num_encoder_layers),
+                   prefix("enc_v", hidden[:, :p], ds.num_encoder_layers))
+      dec = Prefix(prefix("dec_k", hidden[:, p:], ds.num_decoder_layers),
+                   prefix("dec_v", hidden[:, p:], ds.num_decoder_layers))
+      # The decoder's prefixes serve its self- and cross-attention (the paper's [L, 2, 2, P, H]).
+      return PeftParams(prefixes={"encoder_self": enc, "decoder_self": dec, "decoder_cross": dec})
+
+    layers, r = ds.num_encoder_layers, self.lora_rank
+    lora = {}
+    for i, (short, kind) in enumerate((("enc", "encoder_self"), ("dec", "decoder_self"),
+                                       ("cross", "decoder_cross"))):
+      rows = hidden[:, i * layers:(i + 1) * layers]  # [batch, layers, d]
+      for proj in ("q", "v"):
+        name = f"{short}_{proj}"
+        out = self.heads[name](rows)
+        down = out[..., :r * ds.d_model].reshape(batch, layers, r, ds.d_model)
+        up = out[..., r * ds.d_model:].reshape(batch, layers, ds.inner_dim, r)
+        gate = jnp.tanh(self.gates[name])[None, :, None, None]
+        lora[f"{kind}/{proj}"] = LoRA(down=down, up=up * gate)
+    return PeftParams(lora=lora)
+
+
+def init_from_downstream(hypernet_params: dict, downstream_params: dict) -> dict:
+  """HyperT5 parameters with the encoder, (truncated) decoder and embeddings copied from T5's.
+
+  Works on unboxed trees with scanned layers (the leading `layers` axis of the hyper decoder is
+  cut to its own depth).
+  """
+  out = dict(hypernet_params)
+  out["token_embedder"] = downstream_params["token_embedder"]
+  out["hyper_encoder"] = downstream_params["encoder"]
+
+  def take(ours, theirs):
+    if isinstance(ours, dict):
+      return {k: take(ours[k], theirs[k]) for k in ours}
+    theirs = np.asarray(theirs)
+    if theirs.shape == ours.shape:
+      return theirs
+    if theirs.shape[1:] == ours.shape[1:] and theirs.shape[0] > ours.shape[0]:
+      return theirs[:ours.shape[0]]  # truncated stack: the first N layers
+    raise ValueError(f"cannot initialise hyper decoder parameter of shape {ours.shape} from "
+                     f"downstream shape {theirs.shape}")
+  out["hyper_decoder"] = take(hypernet_params["hyper_decoder"], downstream_params["decoder"])
+  return out

@@ -1,0 +1,60 @@
+"""Shared PEFT baseline: one learned prefix set (Prefix-MLP re-parameterised) or LoRA for all tasks.
+
+It has the hypernetwork interface (`hyper_input_tokens -> PeftParams`) but ignores the hyper
+inputs and broadcasts one parameter set over the batch, so it trains with the same train step.
+"""
+import flax.linen as nn
+import gin
+import jax.numpy as jnp
+
+from hypertune.hypernets.heads import MLPHead
+from hypertune.models.config import T5Config
+from hypertune.models.peft import LoRA, PeftParams, Prefix
+
+
+@gin.configurable
+class SharedPeft(nn.Module):
+  """T5-MTF (Prefix) / T5-MTF (LoRA): `peft_type` "prefix" (Prefix-MLP) or "lora"."""
+  downstream: T5Config
+  peft_type: str = "prefix"
+  prefix_len: int = 16
+  lora_rank: int = 8
+
+  @nn.compact
+  def __call__(self, hyper_input_tokens, deterministic: bool = True) -> PeftParams:
+    ds = self.downstream
+    batch = hyper_input_tokens.shape[0]
+    if self.peft_type == "prefix":
+      # Prefix-MLP (Li & Liang): learned embeddings through an MLP, not raw prefixes.
+      embeddings = self.param("prefix_embeddings", nn.with_logical_partitioning(
+          nn.initializers.normal(1.0), ("hyper_tokens", "embed")),
+          (2 * self.prefix_len, ds.d_model), jnp.float32)
+      p = self.prefix_len
+
+      def prefix(name, rows, layers):
+        x = MLPHead(ds.d_model, layers * ds.inner_dim, name=f"{name}_head")(rows)
+        x = jnp.transpose(x.reshape(p, layers, ds.num_heads, ds.d_kv), (1, 0, 2, 3))
+        return jnp.broadcast_to(x, (batch,) + x.shape)
+
+      enc = Prefix(prefix("enc_k", embeddings[:p], ds.num_encoder_layers),
+                   prefix("enc_v", embeddings[:p], ds.num_encoder_layers))
+      dec = Prefix(prefix("dec_k", embeddings[p:], ds.num_decoder_layers),
+                   prefix("dec_v", embeddings[p:], ds.num_decoder_layers))
+      return PeftParams(prefixes={"encoder_self": enc, "decoder_self": dec, "decoder_cross": dec})
+    if self.peft_type != "lora":
+      raise ValueError(f"SharedPeft.peft_type must be 'prefix' or 'lora', got {self.peft_type!r}")
+    lora = {}
+    for kind, layers in (("encoder_self", ds.num_encoder_layers),
+                         ("decoder_self", ds.num_decoder_layers),
+                         ("decoder_cross", ds.num_decoder_layers)):
+      for proj in ("q", "v"):
+        name = f"{kind}_{proj}"
+        down = self.param(f"{name}_down", nn.with_logical_partitioning(
+            nn.initializers.normal(ds.d_model**-0.5), ("layers", "lora_rank", "embed")),
+            (layers, self.lora_rank, ds.d_model), jnp.float32)
+        up = self.param(f"{name}_up", nn.with_logical_partitioning(
+            nn.initializers.zeros, ("layers", "joined_kv", "lora_rank")),
+            (layers, ds.inner_dim, self.lora_rank), jnp.float32)
+        lora[f"{kind}/{proj}"] = LoRA(down=jnp.broadcast_to(down, (batch,) + down.shape),
+                                      up=jnp.broadcast_to(up, (batch,) + up.shape))
+    return PeftParams(lora=lora)

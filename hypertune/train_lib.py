@@ -1,0 +1,182 @@
+"""The one train step every method uses, and the train state around it.
+
+    state = TrainState(step, params, opt_state, method_state)
+    state, metrics = train_step(state, batch)   # jitted with shardings on a (data, model) mesh
+
+Loss: token cross-entropy summed over `decoder_loss_weights` and divided by the number of target
+tokens in the whole batch (so microbatching does not change it), plus any auxiliary losses that
+the model sows into the `losses` collection. A method may keep state between steps in the
+`method_state` collection (e.g. HART's previous-step parameters for its consistency loss).
+"""
+import functools
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.core import meta
+
+from hypertune import partitioning
+
+MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "hyper_encoder_input_tokens")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  method_state: Any  # non-parameter collections a method keeps between steps ({} for most)
+
+
+def cross_entropy(logits, targets, weights) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """(sum of weighted token losses, sum of weights, number of correct weighted tokens)."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  weights = weights.astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(correct * weights)
+
+
+def model_inputs(batch: Mapping[str, Any]) -> Dict[str, Any]:
+  return {k: batch[k] for k in MODEL_FEATURES if k in batch}
+
+
+def _loss_and_metrics(model: nn.Module, params, method_state, batch, rng, total_weight,
+                      num_microbatches: int):
+  logits, mutated = model.apply(
+      {"params": params, **method_state}, **model_inputs(batch), deterministic=False,
+      rngs={"dropout": rng}, mutable=["losses", "method_state"])
+  ce_sum, weight_sum, correct = cross_entropy(logits, batch["decoder_target_tokens"],
+                                              batch["decoder_loss_weights"])
+  aux = {"/".join(k): jnp.sum(jnp.stack([jnp.asarray(x) for x in v])) / num_microbatches
+         for k, v in flax.traverse_util.flatten_dict(
+             flax.core.unfreeze(mutated.get("losses", {}))).items()}
+  loss = ce_sum / total_weight + sum(aux.values())
+  metrics = {"cross_entropy": ce_sum / total_weight, "accuracy": correct / total_weight, **aux}
+  new_method_state = {"method_state": mutated["method_state"]} if "method_state" in mutated else {}
+  return loss, (metrics, new_method_state)
+
+
+def train_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
+               batch: Mapping[str, jax.Array], rng: jax.Array, num_microbatches: int = 1
+               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimizer update on `batch` (split into `num_microbatches` for gradient accumulation).
+
+  Returns the new state and metrics: loss, cross_entropy, accuracy, aux losses, num_tokens,
+  grad_norm.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
+  grad_fn = jax.value_and_grad(_loss_and_metrics, argnums=1, has_aux=True)
+
+  if num_microbatches == 1:
+    (loss, (metrics, method_state)), grads = grad_fn(model, state.params, state.method_state,
+                                                     batch, rng, total_weight, 1)
+  else:
+    batch_size = batch["decoder_target_tokens"].shape[0]
+    if batch_size % num_microbatches:
+      raise ValueError(f"batch size {batch_size} is not divisible by num_microbatches="
+                       f"{num_microbatches}")
+    micro = jax.tree.map(
+        lambda x: x.reshape((num_microbatches, batch_size // num_microbatches) + x.shape[1:]),
+        dict(batch))
+
+    def accumulate(carry, xs):
+      grads, loss, metrics, method_state = carry
+      mb, i = xs
+      (l, (m, method_state)), g = grad_fn(model, state.params, method_state, mb,
+                                          jax.random.fold_in(rng, i), total_weight,
+                                          num_microbatches)
+      return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, metrics, m),
+              method_state), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    first = jax.tree.map(lambda x: x[0], micro)
+    metric_shapes = jax.eval_shape(
+        lambda: grad_fn(model, state.params, state.method_state, first, rng, total_weight,
+                        num_microbatches)[0][1][0])
+    init = (zeros, jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                               metric_shapes), state.method_state)
+    (grads, loss, metrics, method_state), _ = jax.lax.scan(
+        accumulate, init, (micro, jnp.arange(num_microbatches)))
+
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, loss=loss, num_tokens=total_weight, grad_norm=optax.global_norm(grads))
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                         method_state=method_state or state.method_state)
+  return new_state, metrics
+
+
+def init_variables(model: nn.Module, rng, batch_shapes: Mapping[str, Tuple[int, ...]]):
+  """Boxed variables of `model` for model features of the given shapes (all collections)."""
+  dummy = {k: jnp.ones(batch_shapes[k], jnp.int32) for k in MODEL_FEATURES if k in batch_shapes}
+  return model.init(rng, **dummy)
+
+
+class PartitionedTrainer:
+  """Builds the sharded train state and the jitted train step for a model on a mesh.
+
+  One code path for one CPU, a multi-GPU host or a TPU pod: parameters, optimizer state and
+  batches get `NamedSharding`s from logical axis rules; `jax.jit` does the rest.
+  """
+
+  def __init__(self, model: nn.Module, tx: optax.GradientTransformation, mesh,
+               rules, batch_shapes: Mapping[str, Tuple[int, ...]], num_microbatches: int = 1):
+    self.model, self.tx, self.mesh, self.rules = model, tx, mesh, rules
+    self.num_microbatches = num_microbatches
+    with partitioning.axis_rules_and_mesh(mesh, rules):
+      boxed = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), batch_shapes))
+    self.abstract_params = meta.unbox(boxed["params"])
+    self.param_shardings = partitioning.tree_shardings(boxed["params"], mesh, rules)
+    self.batch_sharding = partitioning.batch_sharding(mesh)
+    abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    method_state = {k: v for k, v in boxed.items() if k == "method_state"}
+    self.state_shardings = TrainState(
+        step=replicated, params=self.param_shardings,
+        opt_state=partitioning.opt_state_shardings(abstract_opt, self.abstract_params,
+                                                   self.param_shardings),
+        method_state=jax.tree.map(lambda _: replicated, meta.unbox(method_state)))
+    self._batch_shapes = dict(batch_shapes)
+    self._step_fn = None
+
+  def init_params(self, rng) -> Any:
+    """Freshly initialised parameters, created directly with their shardings."""
+    def init(rng):
+      return meta.unbox(init_variables(self.model, rng, self._batch_shapes)["params"])
+    with partitioning.axis_rules_and_mesh(self.mesh, self.rules):
+      return jax.jit(init, out_shardings=self.param_shardings)(rng)
+
+  def create_state(self, params, step: int = 0) -> TrainState:
+    """A train state around `params` (placed onto the mesh), with a fresh optimizer state."""
+    params = jax.device_put(params, self.param_shardings)
+    with partitioning.axis_rules_and_mesh(self.mesh, self.rules):
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+      boxed = jax.eval_shape(lambda: init_variables(self.model, jax.random.key(0),
+                                                    self._batch_shapes))
+    method_state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                meta.unbox({k: v for k, v in boxed.items()
+                                            if k == "method_state"}))
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state,
+                      method_state=method_state)
+
+  @property
+  def step_fn(self) -> Callable:
+    """`(state, batch, rng) -> (state, metrics)`, jitted with shardings, state donated."""
+    if self._step_fn is None:
+      fn = functools.partial(train_step, self.model, self.tx,
+                             num_microbatches=self.num_microbatches)
+      jitted = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding, None),
+                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+      def run(state, batch, rng):
+        with partitioning.axis_rules_and_mesh(self.mesh, self.rules):
+          return jitted(state, batch, rng)
+      self._step_fn = run
+    return self._step_fn
+
+  def shard_batch(self, batch: Mapping[str, Any]) -> Dict[str, jax.Array]:
+    return partitioning.shard_batch(dict(batch), self.mesh)

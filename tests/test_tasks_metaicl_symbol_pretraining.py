@@ -1,0 +1,187 @@
+"""Tests of MetaICL, symbol tuning and the hyperpretraining objectives."""
+
+import collections
+import json
+import os
+import random
+
+import pytest
+import seqio
+
+from hypertune.data import fewshot
+from hypertune.data import formatting
+from hypertune.data import metaicl
+from hypertune.data import pretraining
+from hypertune.data import symbol_tuning
+from tasks import common
+from tasks import metaicl as metaicl_tasks
+from tasks import pretraining as pretraining_tasks
+from tasks import symbol_tuning as symbol_tasks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METAICL_DIR = os.path.join(REPO, "..", "shared", "data", "metaicl")
+X, Y = formatting.BYTE_TOKENS.x, formatting.BYTE_TOKENS.y
+
+
+def _metaicl_dir(root):
+  os.makedirs(os.path.join(root, "config", "tasks"))
+  json.dump({"train": ["tr-a"], "test": ["te-b", "te-missing"]},
+            open(os.path.join(root, "config", "toy.json"), "w"))
+  json.dump({"task_type": "classification", "options": ["neg", "pos"]},
+            open(os.path.join(root, "config", "tasks", "te-b.json"), "w"))
+  for task, splits in (("tr-a", ("train", "dev")), ("te-b", ("train", "test"))):
+    os.makedirs(os.path.join(root, "data", task))
+    for split in splits:
+      with open(metaicl.data_file(root, task, 16, 100, split), "w") as f:
+        for i in range(16 if split == "train" else 5):
+          f.write(json.dumps({"task": task, "input": f"{split}{i}", "output": ["neg", "pos"][i % 2],
+                              "options": ["neg", "pos"]}) + "\n")
+  return root
+
+
+def test_metaicl_small(tmp_path):
+  root = _metaicl_dir(str(tmp_path / "m"))
+  out = metaicl_tasks.register_metaicl(root, "toy", hyper_modes=("hyper", "concat"), k=16)
+  assert out["metaicl_toy_train"] == ["metaicl_toy.tr_a"]
+  assert out["metaicl_toy_test"] == ["metaicl_toy.te_b"]  # te-missing skipped
+  assert len(common.get_examples("metaicl_toy.tr_a", "train")) == 21  # 16 train + 5 dev
+  ex = common.get_examples("metaicl_toy.te_b", "test")[1]
+  assert ex["inputs"] == "test1" and ex["answer_choices"] == ["neg", "pos"] and ex["label"] == 1
+  assert ex["hyper_inputs"].count(X) == 16  # all 16 k-shot train examples
+  assert {d[0] for d in common.get_eval_demonstrations("metaicl_toy.te_b")} == {
+      f"train{i}" for i in range(16)}
+  task = seqio.get_mixture_or_task("metaicl_toy.te_b")
+  assert task.metric_fns[0]([["neg"], ["pos"]], ["neg", "neg"]) == {"macro_f1": pytest.approx(100 / 3)}
+  with pytest.raises(metaicl.MetaICLError, match="no MetaICL split config 'nope'.*toy"):
+    metaicl_tasks.register_metaicl(root, "nope")
+  with open(metaicl.data_file(root, "te-b", 16, 100, "test"), "a") as f:
+    f.write(json.dumps({"input": "x", "output": "maybe", "options": ["neg", "pos"]}) + "\n")
+  with pytest.raises(metaicl.MetaICLError, match="te-b_16_100_test.jsonl: task te-b, line 6, field 'output'"):
+    metaicl_tasks.register_metaicl(root, "toy")
+
+
+@pytest.mark.skipif(not os.path.isdir(METAICL_DIR), reason="../shared/data/metaicl absent")
+def test_metaicl_real_hr_to_lr_loads():
+  cfg = metaicl.read_config(METAICL_DIR, "hr_to_lr")
+  out = metaicl_tasks.register_metaicl(METAICL_DIR, "hr_to_lr", hyper_modes=("hyper",),
+                                       max_eval_examples=50)
+  present = [t for t in cfg["train"]
+             if os.path.exists(metaicl.data_file(METAICL_DIR, t, 16, 100, "train"))]
+  assert len(out["metaicl_hr_to_lr_train"]) == len(present) >= 50
+  present = [t for t in cfg["test"]
+             if os.path.exists(metaicl.data_file(METAICL_DIR, t, 16, 100, "test"))]
+  assert len(out["metaicl_hr_to_lr_test"]) == len(present)
+  assert len(out["metaicl_hr_to_lr_test"]) >= 20
+  name = out["metaicl_hr_to_lr_test"][0]
+  ex = common.get_examples(name, "test")[0]
+  assert ex["answer_choices"] and ex["answer_choices"][ex["label"]] == ex["targets"]
+
+
+# -- symbol tuning ----------------------------------------------------------------
+
+def _cls_task():
+  mk = lambda p, n: [fewshot.TaskExample(f"{p}{i}", (["bad", "good"][i % 2],), ("bad", "good"), i % 2)
+                     for i in range(n)]
+  return fewshot.TaskData("cls", {"train": mk("tr", 20), "test": mk("te", 6)})
+
+
+def test_draw_labels():
+  rng = random.Random(0)
+  for kind in symbol_tuning.LABEL_KINDS:
+    labels = symbol_tuning.draw_labels(3, rng, kind)
+    assert len(set(labels)) == 3
+  assert all(0 <= int(s) <= 9999 for s in symbol_tuning.draw_labels(5, rng, "integer"))
+  kinds = collections.Counter(
+      "i" if l[0].isdigit() else ("w" if l in symbol_tuning.WORDS else "l")
+      for s in range(300) for l in symbol_tuning.draw_labels(1, random.Random(s)))
+  assert len(kinds) == 3
+
+
+def test_symbol_tuning_relabels_demos_with_target_mapping():
+  b = symbol_tuning.SymbolTuningBuilder(_cls_task(), fewshot.HyperConfig(k=4), formatting.BYTE_TOKENS)
+  exs = list(b.examples("train"))
+  mappings = set()
+  for e in exs:
+    assert e["targets"] == e["answer_choices"][e["label"]]
+    assert e["targets"] not in ("bad", "good")
+    mappings.add(tuple(e["answer_choices"]))
+    # Each demo's label is the mapped string of its true class (even index -> class 0).
+    for part in e["hyper_inputs"].split(X)[1:]:
+      inp, lab = [s.strip() for s in part.split(Y)]
+      assert lab == e["answer_choices"][int(inp[2:]) % 2]
+  assert len(mappings) > 15  # fresh mapping per example
+  ev0 = list(symbol_tuning.SymbolTuningBuilder(_cls_task(), fewshot.HyperConfig(k=4),
+                                               formatting.BYTE_TOKENS, eval_seed=0).examples("test"))
+  ev1 = list(symbol_tuning.SymbolTuningBuilder(_cls_task(), fewshot.HyperConfig(k=4),
+                                               formatting.BYTE_TOKENS, eval_seed=1).examples("test"))
+  assert [e["inputs"] for e in ev0] == [e["inputs"] for e in ev1]
+  assert [e["answer_choices"] for e in ev0] != [e["answer_choices"] for e in ev1]
+  with pytest.raises(ValueError, match="classification tasks only"):
+    symbol_tuning.SymbolTuningBuilder(
+        fewshot.TaskData("gen", {"train": [fewshot.TaskExample("a", ("b",))]}),
+        fewshot.HyperConfig(), formatting.BYTE_TOKENS)
+
+
+def test_register_symbol_tuning():
+  common.register_three_input_task("symsrc.cls", _cls_task(), fewshot.HyperConfig(k=2),
+                                   seqio.ByteVocabulary())
+  out = symbol_tasks.register_symbol_tuning(["symsrc.cls"], k=2)
+  assert out["symbol_train"] == ["symbol.symsrc.cls"]
+  assert len(out["symbol_eval"]) == symbol_tuning.NUM_EVAL_SEEDS
+  ex = common.get_examples("symbol_s3.symsrc.cls", "test")[0]
+  assert ex["targets"] not in ("bad", "good") and ex["hyper_inputs"].count(X) == 2
+  task = seqio.get_mixture_or_task("symbol.symsrc.cls")
+  got = next(task.get_dataset(None, split="train", shuffle=False).as_numpy_iterator())
+  assert got["targets_pretokenized"].decode() not in ("bad", "good")
+
+
+# -- hyperpretraining --------------------------------------------------------------
+
+def test_caclm_split():
+  toks = list(range(100, 700))
+  ex = pretraining.caclm_split(toks, random.Random(0), length=512, b_length=32, sentinels=(7, 8))
+  h, b, c = ex["hyper_inputs"], ex["inputs"], ex["targets"]
+  assert len(b) == 32 and h[0] == 7 and h.count(8) == 1
+  a, d = h[1:h.index(8)], h[h.index(8) + 1:]
+  window = a + b + c + d
+  assert len(window) == 512 and window == list(range(window[0], window[0] + 512))  # consecutive
+  assert a and c and d
+  # Split points come from the rng only: same seed, same split; other seeds differ.
+  assert pretraining.caclm_split(toks, random.Random(0), sentinels=(7, 8)) == ex
+  assert len({len(pretraining.caclm_split(toks, random.Random(s))["targets"]) for s in range(10)}) > 1
+  with pytest.raises(ValueError, match="too short"):
+    pretraining.caclm_split(list(range(30)), random.Random(0))
+
+
+def test_hint_and_gist_split():
+  toks = list(range(50))
+  ex = pretraining.hint_split(toks, random.Random(1), length=512)
+  assert ex["hyper_inputs"] + ex["inputs"] + ex["targets"] == toks
+  assert all(ex[k] for k in ex)
+  lens = {tuple(len(v) for v in pretraining.hint_split(toks, random.Random(s)).values())
+          for s in range(20)}
+  assert len(lens) > 5  # random-length chunks
+  g = pretraining.gist_split(list(range(200)), random.Random(2), length=128, b_length=16,
+                             separator=(-1,))
+  a, d = g["hyper_inputs"][:g["hyper_inputs"].index(-1)], g["hyper_inputs"][g["hyper_inputs"].index(-1) + 1:]
+  assert a + g["inputs"] + g["targets"] + d == list(range(a[0], a[0] + 128))
+
+
+def test_register_pretraining_from_text(tmp_path):
+  f = tmp_path / "corpus.jsonl"
+  f.write_text("\n".join(json.dumps({"text": "word " * (50 + i)}) for i in range(5)) + "\n")
+  name = pretraining_tasks.register_pretraining("hint", text_files=[str(f)], length=64)
+  task = seqio.get_mixture_or_task(name)
+  exs = list(task.get_dataset(None, split="train", shuffle=False).as_numpy_iterator())
+  assert len(exs) == 5
+  v = seqio.ByteVocabulary()
+  for e in exs:
+    joined = list(e["hyper_inputs"]) + list(e["inputs"]) + list(e["targets"])
+    assert len(joined) == 64 and v.decode(joined) in "word " * 60  # a contiguous window
+  name = pretraining_tasks.register_pretraining("caclm", text_files=[str(f)], length=128, b_length=8)
+  e = next(seqio.get_mixture_or_task(name).get_dataset(None, split="train", shuffle=False).as_numpy_iterator())
+  assert len(e["inputs"]) == 8
+  with pytest.raises(ValueError, match="unknown objective"):
+    pretraining_tasks.register_pretraining("mlm", text_files=[str(f)])
+  with pytest.raises(ValueError, match="text_files or a tfds_data_dir"):
+    pretraining_tasks.register_pretraining("hint")
