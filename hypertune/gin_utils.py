@@ -17,6 +17,7 @@ CONFIGURABLE_MODULES = (
     "hypertune.hypernets.shared_peft", "hypertune.optimizers", "hypertune.partitioning",
     "hypertune.checkpoints", "hypertune.evaluation", "hypertune.trainer", "tasks.builtin",
 )
+REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME")
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
 
@@ -76,6 +77,22 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
     raise GinConfigError(_explain(str(e))) from None
 
 
+def check_required_macros() -> None:
+  """Fail with the macro's name when a `NAME = %gin.REQUIRED` macro was never given a value."""
+  missing = []
+  for name in REQUIRED_MACROS:
+    try:
+      value = gin.query_parameter(f"%{name}")
+    except ValueError:
+      continue  # not used by this configuration
+    if "gin.REQUIRED" in repr(value):
+      missing.append(name)
+  if missing:
+    raise GinConfigError(
+        "required macro(s) not set: " + ", ".join(missing) + " (e.g. " +
+        " ".join(f"--gin.{m}=..." for m in missing) + ")")
+
+
 def _explain(message: str) -> str:
   """Add close matches to gin's 'No configurable matching ...' messages."""
   m = re.search(r"No configurable matching '([^']+)'", message)
@@ -100,6 +117,7 @@ def run(main, argv: Optional[List[str]] = None):
     if not files:
       raise GinConfigError("no --gin_file given (see gin/ for the shipped configurations)")
     parse(files, bindings, paths)
+    check_required_macros()
     return main()
   except GinConfigError as e:
     sys.exit(f"error: {e}")

@@ -104,7 +104,10 @@ def train(
     stop_after_steps: Optional[int] = None,
     train_steps_override: Optional[int] = None,
 ) -> Mapping:
-  """Train `model` on a seqio mixture; returns the last evaluation results (or {})."""
+  """Train `model` on a seqio mixture.
+
+  Returns {"losses": [loss of each step run by this call], "eval": last evaluation results}.
+  """
   for setup in setup_tasks:
     setup()
   from tasks import common  # pylint: disable=g-import-not-at-top
@@ -173,6 +176,7 @@ def train(
                                 log_every_steps=log_every_steps)
   rng = jax.random.key(seed + 1)
   results: Mapping = {}
+  losses = []
   end = train_steps if stop_after_steps is None else min(train_steps, stop_after_steps)
   try:
     for step in range(start_step + 1, end + 1):
@@ -180,6 +184,7 @@ def train(
       features = {k: v for k, v in batch.items() if k in train_lib.MODEL_FEATURES or
                   k in ("decoder_target_tokens", "decoder_loss_weights")}
       state, metrics = trainer.step_fn(state, trainer.shard_batch(features), rng)
+      losses.append(metrics["loss"])
       n_tokens = int(sum(np.count_nonzero(batch[k]) for k in features
                          if k.endswith("input_tokens")))
       log.update(step, metrics, num_tokens=n_tokens,
@@ -195,7 +200,7 @@ def train(
     sigterm.uninstall()
     log.close()
     ckpt.close()
-  return results
+  return {"losses": [float(l) for l in losses], "eval": results}
 
 
 def main():

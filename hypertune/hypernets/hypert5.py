@@ -16,6 +16,7 @@ from typing import Optional
 
 import flax.linen as nn
 import gin
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -128,9 +129,10 @@ def init_from_downstream(hypernet_params: dict, downstream_params: dict) -> dict
   Works on unboxed trees with scanned layers (the leading `layers` axis of the hyper decoder is
   cut to its own depth).
   """
+  copy = lambda tree: jax.tree.map(np.array, tree)  # own buffers: no aliasing with downstream
   out = dict(hypernet_params)
-  out["token_embedder"] = downstream_params["token_embedder"]
-  out["hyper_encoder"] = downstream_params["encoder"]
+  out["token_embedder"] = copy(downstream_params["token_embedder"])
+  out["hyper_encoder"] = copy(downstream_params["encoder"])
 
   def take(ours, theirs):
     if isinstance(ours, dict):
