@@ -1,0 +1,71 @@
+"""HyperT5 and the shared-PEFT baseline produce PEFT parameters that fit the downstream model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta
+
+from hypertune.hypernets.hypert5 import HyperT5, init_from_downstream
+from hypertune.hypernets.shared_peft import SharedPeft
+from hypertune.models.config import t5_config
+from hypertune.models.hypermodel import HyperModel
+
+CFG = t5_config("tiny", vocab_size=64, d_model=32, d_kv=8, num_heads=4)  # inner 32, 2+2 layers
+HYPER = np.array([[5, 6, 7, 1, 0, 0], [8, 9, 10, 11, 12, 1]])
+ENC = np.array([[5, 6, 1], [7, 8, 1]])
+DEC = np.array([[0, 3, 4], [0, 5, 1]])
+
+
+def build(hypernet):
+  model = HyperModel(CFG, hypernet=hypernet)
+  params = meta.unbox(model.init(jax.random.key(0), ENC, DEC, HYPER)["params"])
+  return model, params
+
+
+def peft_of(model, params, hyper=HYPER):
+  return model.apply({"params": params}, jnp.asarray(hyper), method=HyperModel.generate_peft)
+
+
+def test_hypert5_prefix_shapes_and_per_example_output():
+  model, params = build(HyperT5(CFG, CFG, peft_type="prefix", prefix_len=3,
+                                num_hyper_decoder_layers=1))
+  assert params["hypernet"]["decoder_tokens"].shape == (6, CFG.d_model)  # 2P learned tokens
+  peft = peft_of(model, params)
+  assert peft.prefixes["encoder_self"].key.shape == (2, 2, 3, 4, 8)
+  assert peft.prefixes["decoder_self"] is peft.prefixes["decoder_cross"]
+  peft.validate(CFG, 2)
+  k = np.asarray(peft.prefixes["encoder_self"].key)
+  assert np.abs(k[0] - k[1]).max() > 1e-4  # different demonstrations, different prefixes
+
+
+def test_hypert5_lora_starts_as_the_unadapted_model():
+  model, params = build(HyperT5(CFG, CFG, peft_type="lora", lora_rank=2))
+  assert params["hypernet"]["decoder_tokens"].shape == (3 * CFG.num_encoder_layers, CFG.d_model)
+  peft = peft_of(model, params)
+  assert set(peft.lora) == {f"{k}/{p}" for k in ("encoder_self", "decoder_self",
+                                                  "decoder_cross") for p in "qv"}
+  peft.validate(CFG, 2)
+  with_peft = model.apply({"params": params}, ENC, DEC, HYPER)
+  plain = HyperModel(CFG).apply({"params": {"downstream": params["downstream"]}}, ENC, DEC)
+  np.testing.assert_allclose(with_peft, plain, atol=1e-5)  # tanh(0) gates: zero deltas
+
+
+def test_init_from_downstream_copies_encoder_and_truncated_decoder():
+  model, params = build(HyperT5(CFG, CFG, peft_type="prefix", prefix_len=2,
+                                num_hyper_decoder_layers=1))
+  hyper = init_from_downstream(params["hypernet"], params["downstream"])
+  down = params["downstream"]
+  np.testing.assert_array_equal(hyper["hyper_encoder"]["layers"]["attention"]["query"],
+                                down["encoder"]["layers"]["attention"]["query"])
+  np.testing.assert_array_equal(hyper["hyper_decoder"]["layers"]["mlp"]["wo"],
+                                down["decoder"]["layers"]["mlp"]["wo"][:1])
+  np.testing.assert_array_equal(hyper["decoder_tokens"], params["hypernet"]["decoder_tokens"])
+
+
+@pytest.mark.parametrize("peft_type", ["prefix", "lora"])
+def test_shared_peft_is_the_same_for_every_example(peft_type):
+  model, params = build(SharedPeft(CFG, peft_type=peft_type, prefix_len=2, lora_rank=2))
+  peft = peft_of(model, params)
+  peft.validate(CFG, 2)
+  for leaf in jax.tree.leaves(peft):
+    np.testing.assert_array_equal(leaf[0], leaf[1])
