@@ -29,6 +29,7 @@ __all__ = [
     "rank_classification_predictions",
     "rank_classification_accuracy",
     "macro_f1",
+    "accuracy",
     "aggregate_task_metrics",
 ]
 
@@ -176,31 +177,34 @@ def rank_classification_accuracy(
 
 
 def macro_f1(predictions: Sequence[Hashable], labels: Sequence[Hashable]) -> float:
-    """Macro-averaged F1 (0-100) over the classes present in ``labels`` or ``predictions``.
+    """MetaICL's Macro-F1 (0-100), as its ``MetaICLData.evaluate`` computes it.
 
-    Classes never predicted and never gold do not exist here; a class that is gold but
-    never predicted (or vice versa) contributes F1 = 0, as in scikit-learn's
-    ``f1_score(average='macro')``.
+    The mean of per-class F1 over the *gold* classes; a gold class that is never predicted
+    has precision 1.0 (and recall 0, so F1 0); predicted classes that are never gold are not
+    averaged (they count only against the recall of the true class).
     """
     if len(predictions) != len(labels):
         raise ValueError(f"got {len(predictions)} predictions but {len(labels)} labels")
     if not labels:
         return 0.0
-    tp: collections.Counter = collections.Counter()
-    fp: collections.Counter = collections.Counter()
-    fn: collections.Counter = collections.Counter()
+    correct_by_pred = collections.defaultdict(list)
+    correct_by_gold = collections.defaultdict(list)
     for p, g in zip(predictions, labels):
-        if p == g:
-            tp[g] += 1
-        else:
-            fp[p] += 1
-            fn[g] += 1
-    classes = set(labels) | set(predictions)
+        correct_by_pred[p].append(p == g)
+        correct_by_gold[g].append(p == g)
     f1s = []
-    for c in classes:
-        denom = 2 * tp[c] + fp[c] + fn[c]
-        f1s.append(0.0 if denom == 0 else 2 * tp[c] / denom)
+    for c, hits in correct_by_gold.items():
+        precision = float(np.mean(correct_by_pred[c])) if c in correct_by_pred else 1.0
+        recall = float(np.mean(hits))
+        f1s.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
     return 100.0 * float(np.mean(f1s))
+
+
+def accuracy(predictions: Sequence[Hashable], labels: Sequence[Hashable]) -> float:
+    """Fraction (0-100) of predictions equal to their label."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"got {len(predictions)} predictions but {len(labels)} labels")
+    return 100.0 * sum(p == g for p, g in zip(predictions, labels)) / max(len(labels), 1)
 
 
 def aggregate_task_metrics(

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from hypertune.data import fewshot
 from hypertune.data import formatting
-from hypertune.data import metrics as metrics_lib
+from hypertune import metrics as metrics_lib
 
 THREE_INPUT_SIGNATURE = {
     "hyper_inputs": tf.TensorSpec([], tf.string),
@@ -113,6 +113,17 @@ def _remove(name: str) -> None:
   seqio.MixtureRegistry.remove(name)
 
 
+def generation_metrics(targets, predictions):
+  """seqio metric fn (targets = reference lists): S-NI exact match and ROUGE-L (0-100)."""
+  return {"exact_match": metrics_lib.exact_match(predictions, targets),
+          "rougeL": metrics_lib.rouge_l(predictions, targets)}
+
+
+def choice_accuracy_metric(targets, predictions):
+  """seqio metric fn: generated answers against the gold choice, S-NI-normalised."""
+  return {"accuracy": metrics_lib.exact_match(predictions, targets)}
+
+
 def register_three_input_task(
     name: str,
     task: fewshot.TaskData,
@@ -143,8 +154,7 @@ def register_three_input_task(
 
   if metric_fns is None:
     is_choice = any(e.answer_choices for exs in task.splits.values() for e in exs[:1])
-    metric_fns = ([metrics_lib.choice_accuracy_from_strings] if is_choice
-                  else [metrics_lib.generation_metrics])
+    metric_fns = [choice_accuracy_metric if is_choice else generation_metrics]
   _remove(name)
   source = GeneratorDataSource(
       dataset_fn, splits=splits,

@@ -16,9 +16,9 @@ from typing import Dict, List, Optional, Sequence
 import gin
 import seqio
 
+from hypertune import metrics
 from hypertune.data import fewshot
 from hypertune.data import metaicl
-from hypertune.data import metrics
 from hypertune.data import p3
 from tasks import common
 from tasks.sni import variant_name
@@ -26,12 +26,12 @@ from tasks.sni import variant_name
 
 def macro_f1_from_strings(targets, predictions):
   golds = [t[0] if isinstance(t, (list, tuple)) else t for t in targets]
-  return {"macro_f1": metrics.macro_f1(golds, list(predictions))}
+  return {"macro_f1": metrics.macro_f1(list(predictions), golds)}
 
 
 def accuracy_from_strings(targets, predictions):
   golds = [t[0] if isinstance(t, (list, tuple)) else t for t in targets]
-  return {"accuracy": metrics.accuracy(golds, list(predictions))}
+  return {"accuracy": metrics.accuracy(list(predictions), golds)}
 
 
 @gin.configurable

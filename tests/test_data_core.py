@@ -13,7 +13,7 @@ from seqio import test_utils
 from hypertune.data import feature_converters
 from hypertune.data import fewshot
 from hypertune.data import formatting
-from hypertune.data import metrics
+from hypertune import metrics
 from hypertune.data import rank_classification
 from tasks import common
 
@@ -255,18 +255,22 @@ def test_decoder_only_converter():
 # -- metrics ------------------------------------------------------------------
 
 def test_metrics():
-  assert metrics.exact_match("The Cat.", ["a cat"]) == 1.0
-  assert metrics.rouge_l("a b c", ["x y", "a b c"]) == 1.0
-  m = metrics.generation_metrics([["yes"], ["no", "nope"]], ["yes", "maybe"])
+  # S-NI's exact match keeps articles (its compute_metrics.py, unlike SQuAD).
+  assert metrics.exact_match(["The Cat."], [["the cat"]]) == 100.0
+  assert metrics.exact_match(["The Cat."], [["a cat"]]) == 0.0
+  assert metrics.rouge_l(["a b c"], [["x y", "a b c"]]) == 100.0
+  m = common.generation_metrics([["yes"], ["no", "nope"]], ["yes", "maybe"])
   assert m["exact_match"] == 50.0
-  # Macro-F1: class a: P=1/2 R=1 F=2/3; class b: P=0/0 -> 0, mean 1/3.
-  assert metrics.macro_f1(["a", "b"], ["a", "a"]) == pytest.approx(100 / 3)
+  # Macro-F1 over gold classes: a: P=1/2 R=1 F=2/3; b: P=0/0 -> 0, mean 1/3.
+  assert metrics.macro_f1(["a", "a"], ["a", "b"]) == pytest.approx(100 / 3)
   assert metrics.macro_f1(["a", "b", "b"], ["a", "b", "b"]) == 100.0
-  assert metrics.accuracy([1, 2], [1, 3]) == 50.0
-  preds = metrics.rank_classification_predictions([0, 0, 1, 1], [0, 1, 0, 1], [-1, -2, -5, -1])
+  # A predicted class that is never gold is not averaged (MetaICL), only penalised.
+  assert metrics.macro_f1(["a", "c"], ["a", "a"]) == pytest.approx(100 * 2 / 3)
+  assert metrics.accuracy([1, 3], [1, 2]) == 50.0
+  preds = metrics.rank_classification_predictions([-1, -2, -5, -1], [0, 0, 1, 1], [0, 1, 0, 1])
   assert preds == {0: 0, 1: 1}
-  assert metrics.rank_classification_accuracy([0, 0, 1, 1], [0, 1, 0, 1], [1, 1, 1, 1],
-                                              [-1, -2, -5, -1]) == 50.0
+  assert metrics.rank_classification_accuracy([-1, -2, -5, -1], [0, 0, 1, 1], [0, 1, 0, 1],
+                                              [1, 1, 1, 1]) == 50.0
 
 
 # -- seqio tasks and rank classification ---------------------------------------
@@ -340,4 +344,4 @@ def test_scoring_batches(toy_task_name):
   assert targets[1].tolist() == v.encode("yes") + [1]
   # An oracle scorer gets 100%.
   scores = (choice == labels).astype(float)
-  assert metrics.rank_classification_accuracy(ids, choice, labels, scores) == 100.0
+  assert metrics.rank_classification_accuracy(scores, ids, choice, labels) == 100.0

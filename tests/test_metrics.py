@@ -67,10 +67,13 @@ def test_rank_classification_errors():
 
 
 def test_macro_f1():
-    # Class a: tp=1 fp=1 fn=1 -> f1 .5; class b: tp=1 fp=0 fn=1 -> 2/3; class c: tp=0 fp=1 fn=0 -> 0.
+    # MetaICL averages over gold classes only: a: P=1/2 R=1/2 -> .5; b: P=1 R=1/2 -> 2/3;
+    # c is predicted but never gold, so it is not averaged.
     preds = ["a", "b", "a", "c"]
     gold = ["a", "b", "b", "a"]
-    assert metrics.macro_f1(preds, gold) == pytest.approx(100 * (0.5 + 2 / 3 + 0.0) / 3)
+    assert metrics.macro_f1(preds, gold) == pytest.approx(100 * (0.5 + 2 / 3) / 2)
+    # A gold class never predicted: precision 1.0 by MetaICL's convention, recall 0 -> F1 0.
+    assert metrics.macro_f1(["a", "a"], ["a", "b"]) == pytest.approx(100 * (2 / 3 + 0) / 2)
     assert metrics.macro_f1(["x", "y"], ["x", "y"]) == 100.0
 
 

@@ -9,7 +9,7 @@ import pytest
 import seqio
 
 from hypertune.data import builtin_suite
-from hypertune.data import metrics
+from hypertune import metrics
 from hypertune.data import rank_classification
 from hypertune.data import sni
 from tasks import builtin
@@ -187,5 +187,5 @@ def test_rank_classification_on_heldout_label_words(registered):
   choice = np.concatenate([b["choice_index"] for b in batches])
   labels = np.concatenate([b["label"] for b in batches])
   # Zero-shot "always choice 0" scorer is near chance on balanced classes.
-  acc = metrics.rank_classification_accuracy(ids, choice, labels, -choice.astype(float))
+  acc = metrics.rank_classification_accuracy(-choice.astype(float), ids, choice, labels)
   assert 20 <= acc <= 80

@@ -9,7 +9,7 @@ with the same `hyper_inputs`/`inputs`, `targets` = the choice, and
     is_correct    bool   choice_index == label
 
 The evaluator scores each (summed target log-likelihood), then
-`hypertune.data.metrics.rank_classification_accuracy` takes the argmax per example_id.
+`hypertune.metrics.rank_classification_accuracy` takes the argmax per example_id.
 This mirrors seqio's `rank_classification` preprocessor, but keeps hyper_inputs.
 """
 
