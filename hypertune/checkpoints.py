@@ -30,6 +30,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax.core import meta
 
+from hypertune.optimizers import param_paths, path_str
+
 __all__ = [
     "Checkpointer",
     "abstract_state",
@@ -261,18 +263,6 @@ def install_sigterm_handler(callback: Callable[[], Any], exit_code: Optional[int
 # --------------------------------------------------------------------------------------
 
 
-def _key_str(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _flatten(tree: Any) -> Dict[str, Any]:
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))[0]
-    return {"/".join(_key_str(k) for k in path): leaf for path, leaf in flat}
-
-
 @dataclasses.dataclass
 class AssignmentReport:
     """What :func:`restore_with_assignment_map` did.
@@ -345,13 +335,13 @@ def restore_with_assignment_map(
             rules.append((re.compile(rule[0]), rule[1]))
         except re.error as e:
             raise ValueError(f"invalid target regex {rule[0]!r} in assignment_map: {e}") from None
-    source = _flatten(source_params)
+    source = param_paths(source_params)
     source = {k: (v.value if isinstance(v, meta.AxisMetadata) else v) for k, v in source.items()}
     used = set()
     sources: Dict[str, Optional[str]] = {}
 
     def assign(path, leaf):
-        tpath = "/".join(_key_str(k) for k in path)
+        tpath = path_str(path)
         src_path: Optional[str] = None
         for rx, template in rules:
             m = rx.fullmatch(tpath)

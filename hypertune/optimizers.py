@@ -135,6 +135,11 @@ def _key_str(k) -> str:
     return str(k)
 
 
+def path_str(path) -> str:
+    """A jax key path as the '/'-joined string that regex rules match."""
+    return "/".join(_key_str(k) for k in path)
+
+
 def _is_box(x) -> bool:
     return isinstance(x, meta.AxisMetadata)
 
@@ -142,7 +147,7 @@ def _is_box(x) -> bool:
 def param_paths(params: Any) -> Dict[str, Any]:
     """{'/'-joined path: leaf} in flatten order; flax boxes (nn.Partitioned) count as leaves."""
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
-    return {"/".join(_key_str(k) for k in path): leaf for path, leaf in flat}
+    return {path_str(path): leaf for path, leaf in flat}
 
 
 def _compile(patterns: Iterable[str], what: str) -> List[Tuple[str, "re.Pattern"]]:
@@ -180,7 +185,7 @@ def _labels(
                 )
 
     def label(path, _):
-        s = "/".join(_key_str(k) for k in path)
+        s = path_str(path)
         if any(rx.fullmatch(s) for _, rx in frozen_re):
             return FROZEN
         if any(rx.fullmatch(s) for _, rx in train_re):

@@ -9,7 +9,7 @@ the model sows into the `losses` collection. A method may keep state between ste
 `method_state` collection (e.g. HART's previous-step parameters for its consistency loss).
 """
 import functools
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax
 import flax.linen as nn
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax.core import meta
 
-from hypertune import partitioning
+from hypertune import optimizers, partitioning
 
 MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "hyper_encoder_input_tokens")
 
@@ -44,7 +44,11 @@ def model_inputs(batch: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _loss_and_metrics(model: nn.Module, params, method_state, batch, rng, total_weight,
-                      num_microbatches: int):
+                      num_microbatches: int, trainable=None):
+  if trainable is not None:
+    # Frozen parameters get no weight gradients at all (XLA drops those matmuls); activations
+    # still carry gradients through them to the trainable parts.
+    params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
   logits, mutated = model.apply(
       {"params": params, **method_state}, **model_inputs(batch), deterministic=False,
       rngs={"dropout": rng}, mutable=["losses", "method_state"])
@@ -60,16 +64,20 @@ def _loss_and_metrics(model: nn.Module, params, method_state, batch, rng, total_
 
 
 def train_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
-               batch: Mapping[str, jax.Array], rng: jax.Array, num_microbatches: int = 1
-               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+               batch: Mapping[str, jax.Array], rng: jax.Array, num_microbatches: int = 1,
+               trainable=None) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer update on `batch` (split into `num_microbatches` for gradient accumulation).
+
+  `trainable`: optional pytree of Python bools like `params` (False = frozen: no gradient is
+  computed for it, and its gradient counts as zero).
 
   Returns the new state and metrics: loss, cross_entropy, accuracy, aux losses, num_tokens,
   grad_norm.
   """
   rng = jax.random.fold_in(rng, state.step)
   total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
-  grad_fn = jax.value_and_grad(_loss_and_metrics, argnums=1, has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(_loss_and_metrics, trainable=trainable),
+                               argnums=1, has_aux=True)
 
   if num_microbatches == 1:
     (loss, (metrics, method_state)), grads = grad_fn(model, state.params, state.method_state,
@@ -124,22 +132,27 @@ class PartitionedTrainer:
   """
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation, mesh,
-               rules, batch_shapes: Mapping[str, Tuple[int, ...]], num_microbatches: int = 1):
+               rules, batch_shapes: Mapping[str, Tuple[int, ...]], num_microbatches: int = 1,
+               trainable_patterns: Sequence[str] = (".*",), frozen_patterns: Sequence[str] = ()):
     self.model, self.tx, self.mesh, self.rules = model, tx, mesh, rules
     self.num_microbatches = num_microbatches
     with partitioning.axis_rules_and_mesh(mesh, rules):
       boxed = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), batch_shapes))
     self.abstract_params = meta.unbox(boxed["params"])
+    # Pytree of bools like params: which parameters train (the others get no gradients).
+    self.trainable = optimizers.trainable_mask(self.abstract_params, trainable_patterns,
+                                               frozen_patterns)
     self.param_shardings = partitioning.tree_shardings(boxed["params"], mesh, rules)
     self.batch_sharding = partitioning.batch_sharding(mesh)
     abstract_opt = jax.eval_shape(tx.init, self.abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    method_state = {k: v for k, v in boxed.items() if k == "method_state"}
+    method_state = meta.unbox({k: v for k, v in boxed.items() if k == "method_state"})
+    self._abstract_method_state = method_state
     self.state_shardings = TrainState(
         step=replicated, params=self.param_shardings,
         opt_state=partitioning.opt_state_shardings(abstract_opt, self.abstract_params,
                                                    self.param_shardings),
-        method_state=jax.tree.map(lambda _: replicated, meta.unbox(method_state)))
+        method_state=jax.tree.map(lambda _: replicated, method_state))
     self._batch_shapes = dict(batch_shapes)
     self._step_fn = None
 
@@ -155,11 +168,8 @@ class PartitionedTrainer:
     params = jax.device_put(params, self.param_shardings)
     with partitioning.axis_rules_and_mesh(self.mesh, self.rules):
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-      boxed = jax.eval_shape(lambda: init_variables(self.model, jax.random.key(0),
-                                                    self._batch_shapes))
     method_state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                meta.unbox({k: v for k, v in boxed.items()
-                                            if k == "method_state"}))
+                                self._abstract_method_state)
     return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state,
                       method_state=method_state)
 
@@ -168,7 +178,7 @@ class PartitionedTrainer:
     """`(state, batch, rng) -> (state, metrics)`, jitted with shardings, state donated."""
     if self._step_fn is None:
       fn = functools.partial(train_step, self.model, self.tx,
-                             num_microbatches=self.num_microbatches)
+                             num_microbatches=self.num_microbatches, trainable=self.trainable)
       jitted = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding, None),
                        out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 

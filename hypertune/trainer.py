@@ -14,11 +14,10 @@ import os
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
-import flax
 import gin
 import jax
 import numpy as np
-from flax.core import meta
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from hypertune import checkpoints, optimizers, partitioning, progress, train_lib
 from hypertune.evaluation import Evaluator, write_results
@@ -27,24 +26,16 @@ from hypertune.models import hf_convert
 from hypertune.models.hypermodel import HyperModel
 
 
-def flatten(tree) -> dict:
-  return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-
-
 def trainable_subtree(params, mask) -> dict:
   """Only the trainable leaves (what a checkpoint stores)."""
-  m = flatten(mask)
-  return unflatten({k: v for k, v in flatten(params).items() if m[k]})
+  m = flatten_dict(mask, sep="/")
+  return unflatten_dict({k: v for k, v in flatten_dict(params, sep="/").items() if m[k]}, sep="/")
 
 
 def merge_params(params, subtree) -> dict:
-  flat = flatten(params)
-  flat.update(flatten(subtree))
-  return unflatten(flat)
+  """`params` with the leaves of `subtree` (same paths) replaced."""
+  return unflatten_dict({**flatten_dict(params, sep="/"), **flatten_dict(subtree, sep="/")},
+                        sep="/")
 
 
 def is_run_dir(path: str) -> bool:
@@ -123,7 +114,8 @@ def train(
   if model.hypernet is not None:
     batch_shapes["hyper_encoder_input_tokens"] = (batch_size, task_feature_lengths["hyper_inputs"])
   tx = optimizers.make_optimizer(optimizer, trainable_patterns, frozen_patterns, max_grad_norm)
-  trainer = train_lib.PartitionedTrainer(model, tx, mesh, rules, batch_shapes, num_microbatches)
+  trainer = train_lib.PartitionedTrainer(model, tx, mesh, rules, batch_shapes, num_microbatches,
+                                         trainable_patterns, frozen_patterns)
 
   # Parameters: fresh init, then the initial checkpoint, then this run's own checkpoint.
   params = jax.device_get(trainer.init_params(jax.random.key(seed)))
@@ -134,7 +126,7 @@ def train(
     logging.info("initial checkpoint %s:\n%s", initial_checkpoint_path, report.summary())
   if init_hypernet_from_downstream:
     params["hypernet"] = hypert5.init_from_downstream(params["hypernet"], params["downstream"])
-  mask = optimizers.trainable_mask(params, trainable_patterns, frozen_patterns)
+  mask = trainer.trainable
   logging.info("parameters:\n%s", optimizers.parameter_table(
       params, trainable_patterns, frozen_patterns, restored_from=sources))
 

@@ -38,3 +38,10 @@ class MLPHead(nn.Module):
     b2 = param_with_axes(self, "out_bias", nn.initializers.zeros, (self.out_features,),
                          (self.out_axis,))
     return dot("...h,ho->...o", h, w2, jnp.float32) + b2
+
+
+def to_prefix(flat, prefix_len: int, num_layers: int, config):
+  """Head output `[..., prefix_len, num_layers * inner_dim]` -> prefixes
+  `[..., num_layers, prefix_len, heads, head_dim]` (the PEFT container's layout)."""
+  x = flat.reshape(flat.shape[:-2] + (prefix_len, num_layers, config.num_heads, config.d_kv))
+  return jnp.moveaxis(x, -3, -4)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hypertune.hypernets.heads import MLPHead
+from hypertune.hypernets.heads import MLPHead, to_prefix
 from hypertune.models.config import T5Config
 from hypertune.models.layers import param_with_axes
 from hypertune.models.peft import LoRA, PeftParams, Prefix
@@ -97,9 +97,8 @@ class HyperT5(nn.Module):
     if self.peft_type == "prefix":
       p = self.prefix_len
 
-      def prefix(name, rows, layers):  # [batch, P, layers*inner] -> [batch, layers, P, h, k]
-        x = self.heads[name](rows).reshape(batch, p, layers, ds.num_heads, ds.d_kv)
-        return jnp.transpose(x, (0, 2, 1, 3, 4))
+      def prefix(name, rows, layers):  # [batch, P, d] -> [batch, layers, P, heads, head_dim]
+        return to_prefix(self.heads[name](rows), p, layers, ds)
 
       enc = Prefix(prefix("enc_k", hidden[:, :p], ds.num_encoder_layers),
                    prefix("enc_v", hidden[:, :p], ds.num_encoder_layers))

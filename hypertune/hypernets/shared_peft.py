@@ -7,7 +7,7 @@ import flax.linen as nn
 import gin
 import jax.numpy as jnp
 
-from hypertune.hypernets.heads import MLPHead
+from hypertune.hypernets.heads import MLPHead, to_prefix
 from hypertune.models.config import T5Config
 from hypertune.models.peft import LoRA, PeftParams, Prefix
 
@@ -31,9 +31,9 @@ class SharedPeft(nn.Module):
           (2 * self.prefix_len, ds.d_model), jnp.float32)
       p = self.prefix_len
 
-      def prefix(name, rows, layers):
-        x = MLPHead(ds.d_model, layers * ds.inner_dim, name=f"{name}_head")(rows)
-        x = jnp.transpose(x.reshape(p, layers, ds.num_heads, ds.d_kv), (1, 0, 2, 3))
+      def prefix(name, rows, layers):  # [P, d] -> [batch, layers, P, heads, head_dim]
+        x = to_prefix(MLPHead(ds.d_model, layers * ds.inner_dim, name=f"{name}_head")(rows), p,
+                      layers, ds)
         return jnp.broadcast_to(x, (batch,) + x.shape)
 
       enc = Prefix(prefix("enc_k", embeddings[:p], ds.num_encoder_layers),
