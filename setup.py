@@ -28,7 +28,9 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "jinja2>=3",
     ],
-    entry_points={"console_scripts": ["hypertune-train=hypertune.train:main"]},
+    entry_points={"console_scripts": ["hypertune-train=hypertune.train:main",
+                                      "hypertune-eval=hypertune.eval:main",
+                                      "hypertune-infer=hypertune.infer:main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],
         # Used only by parity tests and benchmarks; torch pinned to the local CPU wheel.

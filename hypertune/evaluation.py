@@ -29,6 +29,15 @@ def _pad_batch(batch: Mapping[str, np.ndarray], size: int) -> Dict[str, np.ndarr
           for k, v in batch.items()}
 
 
+def detokenize(vocab, tokens) -> list:
+  """Decoded `[batch, length]` token ids -> strings, each cut at its first EOS (id 1)."""
+  out = []
+  for row in np.asarray(tokens).tolist():
+    row = row[:row.index(1)] if 1 in row else row
+    out.append(vocab.decode([t for t in row if t > 1]))  # drop pad (0)
+  return out
+
+
 class Evaluator:
   """Scores or decodes tasks with a HyperModel's parameters; compiled functions are shared."""
 
@@ -74,11 +83,12 @@ class Evaluator:
         np.concatenate(labels))
     return {"accuracy": acc}
 
-  def generation(self, params, task_name: str, split: str) -> Dict[str, float]:
+  def generation(self, params, task_name: str, split: str,
+                 references: Sequence[Sequence[str]]) -> Dict[str, float]:
+    """Decode every query of the task; `references` are its examples' reference lists."""
     from tasks import common  # pylint: disable=g-import-not-at-top
     task = seqio.get_mixture_or_task(task_name)
     vocab = task.output_features["targets"].vocabulary
-    references = [ex["references"] for ex in common.get_examples(task_name, split)]
     predictions = []
     peft = None
     ds = common.get_batches(task_name, split, self.batch_size, self.lengths, shuffle=False,
@@ -96,10 +106,7 @@ class Evaluator:
       else:
         tokens = decoding.greedy_decode(self.downstream, params["downstream"], enc, peft,
                                         max_decode_len=self.max_decode_len)
-      for row in np.asarray(tokens)[:n]:
-        row = list(row)
-        row = row[:row.index(1)] if 1 in row else row  # up to EOS
-        predictions.append(vocab.decode([t for t in row if t > 1]))
+      predictions += detokenize(vocab, np.asarray(tokens)[:n])
     if len(predictions) != len(references):
       raise RuntimeError(f"{task_name}: {len(predictions)} predictions for {len(references)} "
                          "references")
@@ -111,18 +118,41 @@ class Evaluator:
     from tasks import common  # pylint: disable=g-import-not-at-top
     results = {}
     for name in task_names:
-      first = common.get_examples(name, split)[:1]
-      if first and first[0].get("answer_choices"):
+      examples = common.get_examples(name, split)
+      if examples and examples[0].get("answer_choices"):
         results[name] = self.rank_classification(params, name, split)
       else:
-        results[name] = self.generation(params, name, split)
+        results[name] = self.generation(params, name, split,
+                                        [ex["references"] for ex in examples])
       logging.info("eval %s: %s", name, results[name])
     return metrics_lib.aggregate_task_metrics(results)
 
 
-def write_results(model_dir: str, step: int, results: Mapping) -> str:
+def write_results(model_dir: str, step: int, results: Mapping, name: str = "results") -> str:
+  """`MODEL_DIR/eval/<name>_step<step>.json`: "results" for evaluations during training."""
   os.makedirs(os.path.join(model_dir, "eval"), exist_ok=True)
-  path = os.path.join(model_dir, "eval", f"results_step{step}.json")
+  path = os.path.join(model_dir, "eval", f"{name}_step{step}.json")
   with open(path, "w") as f:
     json.dump(results, f, indent=2, sort_keys=True)
   return path
+
+
+@gin.configurable(denylist=["model", "params", "step", "model_dir", "task_feature_lengths",
+                            "mixture_or_task_name"])
+def evaluate_checkpoint(model: HyperModel, params, step: int, model_dir: str,
+                        task_feature_lengths: Mapping[str, int], mixture_or_task_name: str,
+                        eval_mixture_or_task_name: str = gin.REQUIRED, split: str = "test",
+                        batch_size: int = 32, num_beams: int = 1) -> Dict[str, Dict]:
+  """Evaluate restored parameters once (the `hypertune.eval` binary).
+
+  Writes `MODEL_DIR/eval/<eval_mixture_or_task_name>_<split>_step<N>.json`, beside (never
+  over) the results written during training.
+  """
+  from tasks import common  # pylint: disable=g-import-not-at-top
+  del mixture_or_task_name  # the training mixture; evaluation has its own
+  evaluator = Evaluator(model, task_feature_lengths, batch_size, num_beams=num_beams)
+  results = evaluator.evaluate(params, common.mixture_tasks(eval_mixture_or_task_name), split)
+  logging.info("eval of step %d: average %s -> %s", step, results.get("average"),
+               write_results(model_dir, step, results,
+                             name=f"{eval_mixture_or_task_name}_{split}"))
+  return results

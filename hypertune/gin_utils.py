@@ -15,7 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (seqio's data) 
 CONFIGURABLE_MODULES = (
     "hypertune.models.config", "hypertune.models.hypermodel", "hypertune.hypernets.hypert5",
     "hypertune.hypernets.shared_peft", "hypertune.optimizers", "hypertune.partitioning",
-    "hypertune.checkpoints", "hypertune.evaluation", "hypertune.trainer", "tasks.builtin",
+    "hypertune.checkpoints", "hypertune.evaluation", "hypertune.inference", "hypertune.trainer",
+    "tasks.builtin",
 )
 REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME")
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -126,3 +127,18 @@ def run(main, argv: Optional[List[str]] = None):
     if "gin" in text.lower() or "macro" in text.lower() or "REQUIRED" in text:
       sys.exit(f"error: gin configuration: {text}")
     raise
+
+
+def run_restored(extra_flags: Sequence[str], argv: Optional[List[str]] = None):
+  """Run `trainer.train` over an existing run (its `MODEL_DIR/config.gin` first, then
+  `extra_flags`, then the user's flags), as the eval and infer binaries do."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  model_dir = next((a.split("=", 1)[1].strip("'\"") for a in argv
+                    if a.startswith("--gin.MODEL_DIR=")), None)
+  if model_dir is None:
+    sys.exit("error: --gin.MODEL_DIR=... (a training run's directory) is required")
+  run_config = os.path.join(model_dir, "config.gin")
+  if not os.path.exists(run_config):
+    sys.exit(f"error: {run_config} not found: MODEL_DIR must be a hypertune training run")
+  from hypertune import trainer  # pylint: disable=g-import-not-at-top
+  return run(trainer.main, [f"--gin_file={run_config}", *extra_flags, *argv])

@@ -94,16 +94,23 @@ def train(
     data_seed: int = 0,
     stop_after_steps: Optional[int] = None,
     train_steps_override: Optional[int] = None,
+    restored_fn: Optional[Callable[..., Any]] = None,
 ) -> Mapping:
   """Train `model` on a seqio mixture.
 
+  With `restored_fn` nothing is trained: the latest checkpoint of `model_dir` is restored and
+  `restored_fn(model=, params=, step=, model_dir=, task_feature_lengths=,
+  mixture_or_task_name=)` is returned (the `hypertune.eval` and `hypertune.infer` binaries).
+
   Returns {"losses": [loss of each step run by this call], "eval": last evaluation results}.
   """
+  restore_only = restored_fn is not None
   for setup in setup_tasks:
     setup()
   from tasks import common  # pylint: disable=g-import-not-at-top
-  os.makedirs(model_dir, exist_ok=True)
-  with open(os.path.join(model_dir, "config.gin"), "w") as f:
+  os.makedirs(os.path.join(model_dir, "eval"), exist_ok=True)
+  config_path = "eval/config_restored.gin" if restore_only else "config.gin"
+  with open(os.path.join(model_dir, config_path), "w") as f:
     f.write(gin.config_str())
   train_steps = train_steps_override or train_steps
   partitioning.maybe_initialize_distributed()
@@ -134,11 +141,17 @@ def train(
                                   save_interval_steps=checkpoint_period,
                                   max_to_keep=keep_checkpoints)
   state = trainer.create_state(params)
+
+  def checkpoint_tree(s: train_lib.TrainState) -> dict:
+    # Frozen parameters are not saved: they are rebuilt from the initial checkpoint.
+    return {"step": s.step, "params": trainable_subtree(s.params, mask),
+            "opt_state": s.opt_state, "method_state": s.method_state}
+
   start_step = 0
+  if restore_only and ckpt.latest_step() is None:
+    raise FileNotFoundError(f"MODEL_DIR={model_dir!r} has no checkpoint to restore")
   if ckpt.latest_step() is not None:
-    saved = {"step": state.step, "params": trainable_subtree(state.params, mask),
-             "opt_state": state.opt_state, "method_state": state.method_state}
-    restored, data_state = ckpt.restore(target=checkpoints.abstract_state(saved))
+    restored, data_state = ckpt.restore(target=checkpoints.abstract_state(checkpoint_tree(state)))
     state = state.replace(step=restored["step"], opt_state=restored["opt_state"],
                           method_state=restored["method_state"],
                           params=merge_params(state.params, restored["params"]))
@@ -148,22 +161,27 @@ def train(
 
   def save(force=False):
     s = int(state.step)
-    ckpt.save(s, {"step": state.step, "params": trainable_subtree(state.params, mask),
-                  "opt_state": state.opt_state, "method_state": state.method_state},
+    ckpt.save(s, checkpoint_tree(state),
               data_state={"batches_consumed": s, "data_seed": data_seed}, force=force)
 
-  sigterm = checkpoints.install_sigterm_handler(lambda: (save(force=True),
-                                                         ckpt.wait_until_finished()))
-  # The same data order on resume: a seeded, deterministic stream with the consumed batches
-  # skipped.
-  ds = common.get_batches(mixture_or_task_name, "train", batch_size, task_feature_lengths,
-                          seed=data_seed).skip(start_step)
-  batches = ds.as_numpy_iterator()
+  if restore_only:
+    ckpt.close()
+    return restored_fn(model=model, params=jax.device_get(state.params), step=start_step,
+                       model_dir=model_dir, task_feature_lengths=task_feature_lengths,
+                       mixture_or_task_name=mixture_or_task_name)
+
   evaluator = None
   eval_tasks = []
   if eval_period and eval_mixture_or_task_name:
     evaluator = Evaluator(model, task_feature_lengths, eval_batch_size)
     eval_tasks = common.mixture_tasks(eval_mixture_or_task_name)
+
+  sigterm = checkpoints.install_sigterm_handler(lambda: (save(force=True),
+                                                         ckpt.wait_until_finished()))
+  # The same data order on resume: a seeded, deterministic stream with the consumed batches
+  # skipped.
+  batches = common.get_batches(mixture_or_task_name, "train", batch_size, task_feature_lengths,
+                               seed=data_seed).skip(start_step).as_numpy_iterator()
   log = progress.ProgressLogger(model_dir, total_steps=train_steps, start_step=start_step,
                                 log_every_steps=log_every_steps)
   rng = jax.random.key(seed + 1)

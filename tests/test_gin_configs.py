@@ -23,7 +23,7 @@ def test_gin_file_parses_and_resolves(path):
     if path.startswith("models/") and not path.startswith("models/t5_"):
       extra = ["models/t5_tiny.gin"]
     if path.startswith("runs/") and path != "runs/train.gin":
-      extra = ["models/t5_tiny.gin", "models/t5_mtf.gin"]
+      extra = ["models/t5_tiny.gin", "models/t5_mtf.gin", "runs/train.gin"]
     gin_utils.parse(extra + [path], ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'x'"])
     # Resolve every reference: this instantiates configured objects, catching dangling names.
     gin.config_str()

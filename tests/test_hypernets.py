@@ -69,3 +69,16 @@ def test_shared_peft_is_the_same_for_every_example(peft_type):
   peft.validate(CFG, 2)
   for leaf in jax.tree.leaves(peft):
     np.testing.assert_array_equal(leaf[0], leaf[1])
+
+
+def test_peft_files_roundtrip(tmp_path):
+  from hypertune.models import peft as peft_lib
+  model, params = build(HyperT5(CFG, CFG, peft_type="lora", lora_rank=2))
+  peft = peft_of(model, params).replace(lora={
+      k: v.replace(scale=0.5) for k, v in peft_of(model, params).lora.items()})
+  peft_lib.save(str(tmp_path), peft, {"note": "test"})
+  loaded, meta = peft_lib.load(str(tmp_path))
+  assert meta["note"] == "test" and loaded.lora["decoder_cross/v"].scale == 0.5
+  jax.tree.map(np.testing.assert_array_equal, loaded, peft)
+  with pytest.raises(ValueError, match="unknown tensor 'bogus/x'"):
+    peft_lib.from_arrays({"bogus/x": np.zeros(1)}, {})

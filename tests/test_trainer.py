@@ -49,20 +49,73 @@ def test_resume_continues_with_the_same_losses(downstream_run, tmp_path):
   np.testing.assert_allclose(first["losses"] + second["losses"], full["losses"], rtol=1e-5)
 
 
-def test_hypert5_trains_over_frozen_downstream_and_evaluates(downstream_run, tmp_path):
+@pytest.fixture(scope="module")
+def hyper_run(downstream_run, tmp_path_factory):
+  """(run dir, train output, the classification task it evaluated)."""
+  from tasks import common
   d, _ = downstream_run
-  out = run("quickstart/2_hypert5.gin", str(tmp_path), "TRAIN_STEPS = 3",
-            f"INITIAL_CHECKPOINT_PATH = '{d}'", "PREFIX_LEN = 2",
-            "hypert5.HyperT5.num_hyper_decoder_layers = 1", "EVAL_PERIOD = 3",
-            "EVAL_MIXTURE_OR_TASK_NAME = 'builtin.task112_starts_vowel'")
+  task = common.mixture_tasks("builtin_heldout_label_words")[0]  # registered by the first run
+  h = str(tmp_path_factory.mktemp("hyper"))
+  return h, run("quickstart/2_hypert5.gin", h, "TRAIN_STEPS = 3",
+                f"INITIAL_CHECKPOINT_PATH = '{d}'", "PREFIX_LEN = 2",
+                "hypert5.HyperT5.num_hyper_decoder_layers = 1", "EVAL_PERIOD = 3",
+                f"EVAL_MIXTURE_OR_TASK_NAME = '{task}'"), task
+
+
+def test_hypert5_trains_over_frozen_downstream_and_evaluates(hyper_run):
+  h, out, task = hyper_run
   assert len(out["losses"]) == 3 and np.all(np.isfinite(out["losses"]))
-  acc = out["eval"]["builtin.task112_starts_vowel"]["accuracy"]
+  acc = out["eval"][task]["accuracy"]
   assert 0.0 <= acc <= 100.0
-  with open(os.path.join(tmp_path, "eval", "results_step3.json")) as f:
+  with open(os.path.join(h, "eval", "results_step3.json")) as f:
     assert json.load(f)["average"]["accuracy"] == acc
-  # Frozen downstream parameters are not re-saved: only the hypernetwork is in the checkpoint.
-  state_dir = os.path.join(tmp_path, "checkpoints", "3", "state")
-  assert os.path.isdir(state_dir)
+
+
+def _binary(name, *flags):
+  out = subprocess.run([sys.executable, "-m", f"hypertune.{name}", *flags], capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def test_eval_binary_reproduces_the_in_training_evaluation(hyper_run):
+  h, out, task = hyper_run
+  _binary("eval", f"--gin.MODEL_DIR='{h}'")
+  with open(os.path.join(h, "eval", f"{task}_test_step3.json")) as f:
+    assert json.load(f)[task] == out["eval"][task]
+  with open(os.path.join(h, "eval", "results_step3.json")) as f:  # the training-time file
+    assert json.load(f)[task] == out["eval"][task]
+
+
+def test_infer_writes_peft_files_and_applies_them(hyper_run, tmp_path):
+  h, _, _ = hyper_run
+  demos = tmp_path / "demos.json"
+  demos.write_text(json.dumps({"demonstrations": [{"input": "apple", "target": "yes"},
+                                                  {"input": "pear", "target": "no"}]}))
+  peft_dir = tmp_path / "peft"
+  _binary("infer", f"--gin.MODEL_DIR='{h}'", f"--gin.infer.demonstrations_file='{demos}'",
+          f"--gin.infer.peft_dir='{peft_dir}'")
+  meta = json.loads((peft_dir / "peft.json").read_text())
+  assert meta["format"] == "hypertune-peft" and meta["demonstrations_used"] == 2
+  assert meta["tensors"]["prefixes/encoder_self/key"] == [1, 2, 2, 4, 16]  # tiny T5, P=2
+  queries = tmp_path / "queries.txt"
+  queries.write_text("orange\nkiwi\nplum\n")
+  out = _binary("infer", f"--gin.MODEL_DIR='{h}'", f"--gin.infer.peft_dir='{peft_dir}'",
+                f"--gin.infer.inputs_file='{queries}'")
+  lines = (peft_dir / "predictions.jsonl").read_text().splitlines()
+  assert [json.loads(l)["input"] for l in lines] == ["orange", "kiwi", "plum"]
+  assert "orange\t" in out.stdout
+
+
+def test_infer_rejects_bad_demonstrations(hyper_run, tmp_path):
+  h, _, _ = hyper_run
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"demonstrations": [{"input": "x"}]}))
+  out = subprocess.run([sys.executable, "-m", "hypertune.infer", f"--gin.MODEL_DIR='{h}'",
+                        f"--gin.infer.demonstrations_file='{bad}'",
+                        f"--gin.infer.peft_dir='{tmp_path}'"], capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode != 0 and "bad.json" in out.stderr and "'target'" in out.stderr
 
 
 MESH_SCRIPT = r"""

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from hypertune.data import fewshot
 
-SUITE_VERSION = 1
+SUITE_VERSION = 2  # 2: first_letter / last_letter lookup rules
 LETTERS = string.ascii_lowercase
 VOWELS = set("aeiou")
 
@@ -180,7 +180,20 @@ def _ends_with(rng):
   return f"letter={c}", lambda s: s[-1] == c, alpha
 
 
+def _first_letter(rng):
+  # A lookup, not an induction puzzle: strings over two letters, the class is the first one,
+  # so the demonstrations show the letter -> label word mapping directly.
+  alpha = _alphabet(rng, 2)
+  return f"letters={alpha}", lambda s: s[0] == alpha[0], alpha
+
+
+def _last_letter(rng):
+  alpha = _alphabet(rng, 2)
+  return f"letters={alpha}", lambda s: s[-1] == alpha[0], alpha
+
+
 TRAIN_RULES = (
+    Rule("first_letter", "Classify the string by its first letter.", _first_letter),
     Rule("length_parity", "Classify the string by whether its length is even.", _length_parity),
     Rule("contains", "Classify the string by whether it contains a certain letter.", _contains),
     Rule("longer_than", "Classify the string by whether it is long.", _longer_than),
@@ -188,6 +201,7 @@ TRAIN_RULES = (
 HELDOUT_RULES = (
     Rule("starts_vowel", "Classify the string by whether it starts with a vowel.", _starts_vowel),
     Rule("ends_with", "Classify the string by whether it ends with a certain letter.", _ends_with),
+    Rule("last_letter", "Classify the string by its last letter.", _last_letter),
 )
 
 

@@ -163,3 +163,78 @@ class PeftParams:
             ("batch", "memory_len", f"d_model={config.d_model}"))
       check("extra_memory_mask", self.extra_memory_mask, (batch_size, m),
             ("batch", "memory_len"))
+
+
+# --- files: safetensors + JSON ---------------------------------------------------------------
+PEFT_FORMAT = "hypertune-peft"
+
+
+def to_arrays(peft: PeftParams) -> dict:
+  """Flat {"prefixes/encoder_self/key": array, "lora/encoder_self/q/down": ...} and the LoRA
+  scales {"encoder_self/q": scale} (the only non-array state)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  arrays = {}
+  for kind, p in peft.prefixes.items():
+    arrays[f"prefixes/{kind}/key"], arrays[f"prefixes/{kind}/value"] = p.key, p.value
+  for name, lo in peft.lora.items():
+    arrays[f"lora/{name}/down"], arrays[f"lora/{name}/up"] = lo.down, lo.up
+  for stack, a in peft.adapters.items():
+    arrays[f"adapters/{stack}/down"], arrays[f"adapters/{stack}/up"] = a.down, a.up
+  if peft.extra_memory is not None:
+    arrays["extra_memory"] = peft.extra_memory
+    arrays["extra_memory_mask"] = peft.extra_memory_mask
+  arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}
+  return arrays, {name: lo.scale for name, lo in peft.lora.items()}
+
+
+def from_arrays(arrays: Mapping, lora_scales: Mapping[str, float]) -> PeftParams:
+  """The inverse of `to_arrays`; an unknown key is an error naming it."""
+  prefixes, lora, adapters = {}, {}, {}
+  for key in arrays:
+    section, _, rest = key.partition("/")
+    if section == "prefixes":
+      kind = rest.rsplit("/", 1)[0]
+      prefixes[kind] = Prefix(arrays[f"prefixes/{kind}/key"], arrays[f"prefixes/{kind}/value"])
+    elif section == "lora":
+      name = rest.rsplit("/", 1)[0]
+      lora[name] = LoRA(arrays[f"lora/{name}/down"], arrays[f"lora/{name}/up"],
+                        scale=float(lora_scales.get(name, 1.0)))
+    elif section == "adapters":
+      stack = rest.rsplit("/", 1)[0]
+      adapters[stack] = Adapter(arrays[f"adapters/{stack}/down"], arrays[f"adapters/{stack}/up"])
+    elif key not in ("extra_memory", "extra_memory_mask"):
+      raise ValueError(f"PEFT file: unknown tensor {key!r}")
+  return PeftParams(prefixes=prefixes, lora=lora, adapters=adapters,
+                    extra_memory=arrays.get("extra_memory"),
+                    extra_memory_mask=arrays.get("extra_memory_mask"))
+
+
+def save(directory: str, peft: PeftParams, metadata: Mapping) -> None:
+  """Write `peft.safetensors` (tensors) and `peft.json` (format, LoRA scales, `metadata`)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  arrays, scales = to_arrays(peft)
+  save_file(arrays, os.path.join(directory, "peft.safetensors"))
+  with open(os.path.join(directory, "peft.json"), "w") as f:
+    json.dump({"format": PEFT_FORMAT, "version": 1, "lora_scales": scales,
+               "tensors": {k: list(v.shape) for k, v in arrays.items()}, **metadata}, f,
+              indent=2)
+
+
+def load(directory: str) -> "tuple[PeftParams, dict]":
+  """(PeftParams, the JSON metadata) from a directory written by `save`."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  meta_path = os.path.join(directory, "peft.json")
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{directory}: no peft.json (written by `hypertune.infer`)")
+  with open(meta_path) as f:
+    metadata = json.load(f)
+  if metadata.get("format") != PEFT_FORMAT:
+    raise ValueError(f"{meta_path}: format is {metadata.get('format')!r}, expected "
+                     f"{PEFT_FORMAT!r}")
+  arrays = load_file(os.path.join(directory, "peft.safetensors"))
+  return from_arrays(arrays, metadata.get("lora_scales", {})), metadata

@@ -1,0 +1,90 @@
+"""Inference as at deployment (the `hypertune.infer` binary): write a task's PEFT parameters once, then apply them to new inputs.
+
+    # demonstrations (and/or an instruction) -> PEFT_DIR/peft.safetensors + peft.json
+    python -m hypertune.infer --gin.MODEL_DIR="'/path/to/run'" \
+        --gin.infer.demonstrations_file="'demos.json'" --gin.infer.peft_dir="'/tmp/task_peft'"
+    # saved parameters + one input per line -> predictions (printed, and PEFT_DIR/predictions.jsonl)
+    python -m hypertune.infer --gin.MODEL_DIR="'/path/to/run'" \
+        --gin.infer.peft_dir="'/tmp/task_peft'" --gin.infer.inputs_file="'queries.txt'"
+
+`demos.json`: {"instruction": "optional text", "demonstrations": [{"input": ..., "target": ...}]}.
+The text is formatted as in training (`<x> instruction <x> input <y> target ...`, whole
+demonstrations dropped to fit the hyper length) and tokenized with the run's vocabulary.
+The files: `peft.safetensors` holds the tensors with batch size 1, named like
+`prefixes/encoder_self/key` `[1, layers, prefix_len, heads, head_dim]` or
+`lora/encoder_self/q/down` `[1, layers, rank, d_model]`; `peft.json` holds the format name, the
+LoRA scales, every tensor's shape, the run and step they came from.
+"""
+import json
+import os
+from typing import Mapping, Optional
+
+import gin
+import jax.numpy as jnp
+import numpy as np
+
+from hypertune.evaluation import detokenize
+from hypertune.models import decoding, peft as peft_lib
+from hypertune.models.hypermodel import HyperModel
+from hypertune.models.t5 import T5
+
+
+def _read_demonstrations(path: str):
+  try:
+    with open(path) as f:
+      spec = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: cannot read demonstrations JSON ({e})") from None
+  demos = spec.get("demonstrations", [])
+  if not isinstance(demos, list) or any(not isinstance(d, dict) or {"input", "target"} - set(d)
+                                        for d in demos):
+    raise ValueError(f"{path}: 'demonstrations' must be a list of {{'input', 'target'}} objects")
+  if not demos and not spec.get("instruction"):
+    raise ValueError(f"{path}: needs an 'instruction' or at least one demonstration")
+  return spec.get("instruction"), [(d["input"], d["target"]) for d in demos]
+
+
+@gin.configurable(denylist=["model", "params", "step", "model_dir", "task_feature_lengths",
+                            "mixture_or_task_name"])
+def infer(model: HyperModel, params, step: int, model_dir: str,
+          task_feature_lengths: Mapping[str, int], mixture_or_task_name: str,
+          peft_dir: str = gin.REQUIRED, demonstrations_file: Optional[str] = None,
+          inputs_file: Optional[str] = None, max_decode_len: Optional[int] = None):
+  """Generate PEFT parameters from `demonstrations_file` into `peft_dir` (if given), then decode
+  each line of `inputs_file` with the parameters in `peft_dir` (if given)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from hypertune.data import formatting  # pylint: disable=g-import-not-at-top
+  if model.hypernet is None:
+    raise ValueError(f"{model_dir}: this run has no hypernetwork; nothing to generate")
+  vocab = seqio.get_mixture_or_task(mixture_or_task_name).output_features["inputs"].vocabulary
+  if demonstrations_file:
+    instruction, demos = _read_demonstrations(demonstrations_file)
+    hyper_len = task_feature_lengths["hyper_inputs"]
+    text, kept = formatting.format_hyper_inputs(
+        instruction, demos, formatting.special_tokens_for(vocab),
+        length_fn=lambda s: len(vocab.encode(s)), max_length=hyper_len - 1)
+    tokens = (list(vocab.encode(text)) + [1])[:hyper_len]
+    tokens = np.array([tokens + [0] * (hyper_len - len(tokens))], np.int32)
+    peft = model.apply({"params": params}, jnp.asarray(tokens), method=HyperModel.generate_peft)
+    peft_lib.save(peft_dir, peft, {"model_dir": model_dir, "step": step,
+                                   "demonstrations_used": kept,
+                                   "demonstrations_given": len(demos)})
+    print(f"wrote PEFT parameters from {kept}/{len(demos)} demonstrations to {peft_dir}")
+  if inputs_file:
+    peft, _ = peft_lib.load(peft_dir)
+    with open(inputs_file) as f:
+      queries = [line.rstrip("\n") for line in f if line.strip()]
+    length = task_feature_lengths["inputs"]
+    rows = [(list(vocab.encode(q)) + [1])[:length] for q in queries]
+    enc = np.array([r + [0] * (length - len(r)) for r in rows], np.int32)
+    out = decoding.greedy_decode(T5(model.config), params["downstream"], jnp.asarray(enc),
+                                 peft.repeat(len(rows)),
+                                 max_decode_len=max_decode_len or task_feature_lengths["targets"])
+    predictions = detokenize(vocab, out)
+    with open(os.path.join(peft_dir, "predictions.jsonl"), "w") as f:
+      for q, p in zip(queries, predictions):
+        f.write(json.dumps({"input": q, "prediction": p}) + "\n")
+        print(f"{q}\t{p}")
+    return predictions
+  return None
+
