@@ -122,7 +122,13 @@ def run(main, argv: Optional[List[str]] = None):
     return main()
   except GinConfigError as e:
     sys.exit(f"error: {e}")
-  except (ValueError, TypeError) as e:
+  except (ValueError, FileNotFoundError) as e:
+    # Bad input (a file, a field, a shape, a checkpoint) is reported by our own checks with a
+    # message that names it: show that, not a traceback. HYPERTUNE_DEBUG=1 shows the traceback.
+    if os.environ.get("HYPERTUNE_DEBUG"):
+      raise
+    sys.exit(f"error: {e}\n(set HYPERTUNE_DEBUG=1 for the traceback)")
+  except TypeError as e:
     text = str(e)
     if "gin" in text.lower() or "macro" in text.lower() or "REQUIRED" in text:
       sys.exit(f"error: gin configuration: {text}")

@@ -116,6 +116,7 @@ def test_infer_rejects_bad_demonstrations(hyper_run, tmp_path):
                         f"--gin.infer.peft_dir='{tmp_path}'"], capture_output=True, text=True,
                        timeout=600)
   assert out.returncode != 0 and "bad.json" in out.stderr and "'target'" in out.stderr
+  assert "Traceback" not in out.stderr
 
 
 MESH_SCRIPT = r"""
