@@ -114,7 +114,8 @@ class Evaluator:
             "exact_match": metrics_lib.exact_match(predictions, references)}
 
   def evaluate(self, params, task_names: Sequence[str], split: str) -> Dict[str, Dict]:
-    """{task: {metric: value}, "average": {metric: mean over tasks}}."""
+    """{task: {metric: value}, "symbol_avg.<src>": {metric: mean/std over its seeds},
+    "average": {metric: mean over tasks, a source's seeds counting once}}."""
     from tasks import common  # pylint: disable=g-import-not-at-top
     results = {}
     for name in task_names:

@@ -17,8 +17,9 @@ Conventions follow the papers hypertune reproduces:
 from __future__ import annotations
 
 import collections
+import re
 import string
-from typing import Dict, Hashable, Mapping, Optional, Sequence
+from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,6 +31,7 @@ __all__ = [
     "rank_classification_accuracy",
     "macro_f1",
     "accuracy",
+    "seed_groups",
     "aggregate_task_metrics",
 ]
 
@@ -207,35 +209,88 @@ def accuracy(predictions: Sequence[Hashable], labels: Sequence[Hashable]) -> flo
     return 100.0 * sum(p == g for p, g in zip(predictions, labels)) / max(len(labels), 1)
 
 
+# Evaluation relabellings of one source task under several seeds (tasks/symbol_tuning.py):
+# ``<prefix>.<src>`` is seed 0, ``<prefix>_s<j>.<src>`` seed j; results add
+# ``<prefix>_avg.<src>`` with the mean and std over its seeds.
+SEED_GROUP_PREFIXES = ("symbol",)
+_SEED_TASK = re.compile(r"^(%s)(?:_s(\d+))?\.(.+)$" % "|".join(map(re.escape, SEED_GROUP_PREFIXES)))
+
+
+def seed_groups(task_names: Sequence[str]) -> Dict[str, List[str]]:
+    """Groups seed relabellings of a source task: ``symbol.<src>``/``symbol_s<j>.<src>``.
+
+    Args:
+      task_names: any task names; those not following the seed naming are ignored.
+
+    Returns:
+      {``symbol_avg.<src>``: [its task names, by seed]}, in order of first appearance.
+    """
+    groups: Dict[str, List[Tuple[int, str]]] = {}
+    for name in task_names:
+        m = _SEED_TASK.match(name)
+        if m:
+            prefix, seed, src = m.groups()
+            groups.setdefault(f"{prefix}_avg.{src}", []).append((int(seed or 0), name))
+    return {g: [name for _, name in sorted(members)] for g, members in groups.items()}
+
+
 def aggregate_task_metrics(
     per_task: Mapping[str, Mapping[str, float]],
     weights: Optional[Mapping[str, float]] = None,
 ) -> Dict[str, Dict[str, float]]:
-    """Adds an ``average`` entry: the (optionally weighted) mean of each metric over tasks.
+    """Adds per-source seed averages and an ``average`` entry over tasks.
+
+    Seed relabellings of one source task (see :func:`seed_groups`) get an entry
+    ``symbol_avg.<src>``: ``{metric: mean over seeds, "<metric>/std": population std,
+    "<metric>/num_seeds": n}``, and count once in ``average`` (through that mean), so a
+    source task with 10 evaluation seeds weighs as much as a task evaluated once.
 
     Args:
       per_task: {task_name: {metric_name: value}}.  Tasks may report different
         metrics (e.g. rank classification vs generation); each metric is averaged
-        over the tasks that report it, and ``average/num_tasks`` records how many.
-      weights: optional {task_name: weight}, e.g. example counts for a micro average.
+        over the tasks that report it, and ``average/num_tasks`` records how many
+        (a seed group counting one).
+      weights: optional {task_name: weight}, e.g. example counts for a micro average;
+        a seed group weighs the mean of its seeds' weights.
 
     Returns:
-      A copy of ``per_task`` plus ``{"average": {metric: mean, ...}}``.
+      A copy of ``per_task`` plus the ``symbol_avg.<src>`` entries and
+      ``{"average": {metric: mean, ...}}``.
     """
     if "average" in per_task:
         raise ValueError("'average' is reserved for the aggregate and cannot be a task name")
+    groups = seed_groups(list(per_task))
+    clash = sorted(set(groups) & set(per_task))
+    if clash:
+        raise ValueError(f"{clash[0]!r} is reserved for a seed average and cannot be a task name")
+    grouped = {t for members in groups.values() for t in members}
+    out = {task: dict(m) for task, m in per_task.items()}
+    # Averaging units: each ungrouped task, and each seed group through its seed means.
+    units = {t: m for t, m in per_task.items() if t not in grouped}
+    unit_weights = {t: 1.0 if weights is None else float(weights[t]) for t in units}
+    for group, members in groups.items():
+        values: Dict[str, List[float]] = collections.defaultdict(list)
+        for t in members:
+            for name, value in per_task[t].items():
+                values[name].append(float(value))
+        stats: Dict[str, float] = {name: float(np.mean(v)) for name, v in values.items()}
+        for name, v in values.items():
+            stats[f"{name}/std"] = float(np.std(v))
+            stats[f"{name}/num_seeds"] = len(v)
+        out[group] = stats
+        units[group] = {name: stats[name] for name in values}
+        unit_weights[group] = (1.0 if weights is None
+                               else float(np.mean([float(weights[t]) for t in members])))
     sums: Dict[str, float] = collections.defaultdict(float)
     norms: Dict[str, float] = collections.defaultdict(float)
     counts: Dict[str, int] = collections.defaultdict(int)
-    for task, metrics in per_task.items():
-        w = 1.0 if weights is None else float(weights[task])
+    for unit, metrics in units.items():
+        w = unit_weights[unit]
         for name, value in metrics.items():
             sums[name] += w * float(value)
             norms[name] += w
             counts[name] += 1
-    out = {task: dict(m) for task, m in per_task.items()}
     out["average"] = {name: sums[name] / norms[name] for name in sums if norms[name] > 0}
     for name in sums:
         out["average"][f"{name}/num_tasks"] = counts[name]
     return out
-

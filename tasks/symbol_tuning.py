@@ -7,8 +7,10 @@
 * ``symbol.<src>`` - training split(s) relabelled per example (fresh mapping each
   example and epoch; demonstrations share it); evaluation splits with eval seed 0;
 * ``symbol_s<j>.<src>`` for j in 1..NUM_EVAL_SEEDS-1 - the other evaluation
-  relabellings; mixture ``symbol_eval`` holds all seeds (so metrics average over them)
-  and ``symbol_train`` the training tasks.
+  relabellings; mixture ``symbol_eval`` holds all seeds and ``symbol_train`` the
+  training tasks. Evaluation results add ``symbol_avg.<src>`` (mean and std over the
+  seeds) and count each source once in the overall average
+  (`hypertune.metrics.aggregate_task_metrics`, which relies on these names).
 """
 
 from __future__ import annotations

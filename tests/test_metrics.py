@@ -89,3 +89,42 @@ def test_aggregate_task_metrics():
     assert weighted["average"]["acc"] == 75.0
     with pytest.raises(ValueError, match="reserved"):
         metrics.aggregate_task_metrics({"average": {"acc": 1.0}})
+
+
+def test_seed_groups_collect_symbol_relabellings_by_source():
+    names = ["symbol_s2.metaicl.glue_sst2", "copa", "symbol.metaicl.glue_sst2", "symbol_s10.b",
+             "symbol.b", "symbolic.x", "symbol_avg.c", "pre_symbol.d"]
+    assert metrics.seed_groups(names) == {
+        "symbol_avg.metaicl.glue_sst2": ["symbol.metaicl.glue_sst2", "symbol_s2.metaicl.glue_sst2"],
+        # Numeric seed order, not string order ("s10" after "s2").
+        "symbol_avg.b": ["symbol.b", "symbol_s10.b"],
+    }
+    assert metrics.seed_groups(["copa", "rte"]) == {}
+
+
+def test_aggregate_averages_seeds_per_source_and_weighs_each_source_once():
+    # Source "a": 10 seeds with accuracies 0, 10, ..., 90 (mean 45, population std ~28.72);
+    # source "b": 2 seeds; plus an ordinary task.
+    per_task = {("symbol.a" if j == 0 else f"symbol_s{j}.a"): {"accuracy": 10.0 * j} for j in range(10)}
+    per_task.update({"symbol.b": {"accuracy": 80.0}, "symbol_s1.b": {"accuracy": 100.0},
+                     "copa": {"accuracy": 30.0}, "sni": {"rougeL": 50.0}})
+    out = metrics.aggregate_task_metrics(per_task)
+    assert out["symbol_avg.a"]["accuracy"] == pytest.approx(45.0)
+    assert out["symbol_avg.a"]["accuracy/std"] == pytest.approx(28.7228, abs=1e-4)
+    assert out["symbol_avg.a"]["accuracy/num_seeds"] == 10
+    assert out["symbol_avg.b"] == {"accuracy": 90.0, "accuracy/std": 10.0, "accuracy/num_seeds": 2}
+    assert out["symbol_s3.a"] == {"accuracy": 30.0}  # per-seed entries are kept
+    # Three units for accuracy (a, b, copa), not 13 seed tasks: (45 + 90 + 30) / 3.
+    assert out["average"]["accuracy"] == pytest.approx(55.0)
+    assert out["average"]["accuracy/num_tasks"] == 3
+    assert out["average"]["rougeL"] == 50.0 and out["average"]["rougeL/num_tasks"] == 1
+    # Weighted: a seed group weighs the mean of its seeds' weights (one seed's examples).
+    w = {t: 1.0 for t in per_task}
+    w.update({"symbol.b": 2.0, "symbol_s1.b": 2.0})
+    weighted = metrics.aggregate_task_metrics(per_task, weights=w)
+    assert weighted["average"]["accuracy"] == pytest.approx((45 + 2 * 90 + 30) / 4)
+    # The result is JSON-serialisable as written by evaluation.write_results.
+    import json
+    assert json.loads(json.dumps(out))["symbol_avg.b"]["accuracy"] == 90.0
+    with pytest.raises(ValueError, match="'symbol_avg.b' is reserved"):
+        metrics.aggregate_task_metrics({"symbol.b": {"acc": 1.0}, "symbol_avg.b": {"acc": 1.0}})

@@ -135,6 +135,41 @@ def test_register_symbol_tuning():
   assert got["targets_pretokenized"].decode() not in ("bad", "good")
 
 
+def test_symbol_eval_results_average_over_seeds_per_source(tmp_path):
+  """The evaluator's results (as training, hypertune.eval and the JSON files get them) carry
+  a seed average per source task, and the overall average counts each source once."""
+  from hypertune import evaluation
+  from hypertune import metrics
+  for src in ("symsrc.a", "symsrc.b"):
+    common.register_three_input_task(src, _cls_task(), fewshot.HyperConfig(k=2),
+                                     seqio.ByteVocabulary())
+  tasks = symbol_tasks.register_symbol_tuning(["symsrc.a", "symsrc.b"], k=2)["symbol_eval"]
+  # The names register_symbol_tuning gives are the ones the metrics group.
+  assert metrics.seed_groups(tasks) == {
+      f"symbol_avg.{src}": [f"symbol.{src}"] + [f"symbol_s{j}.{src}" for j in
+                                                 range(1, symbol_tuning.NUM_EVAL_SEEDS)]
+      for src in ("symsrc.a", "symsrc.b")}
+
+  def fake_rank_classification(params, name, split):
+    # Source a scores 10 * seed, source b 50 on every seed.
+    seed = 0 if name.startswith("symbol.") else int(name.split(".")[0][len("symbol_s"):])
+    return {"accuracy": 10.0 * seed if "symsrc.a" in name else 50.0}
+
+  ev = object.__new__(evaluation.Evaluator)  # no model: scoring is faked
+  ev.rank_classification = fake_rank_classification
+  results = ev.evaluate(None, tasks, "test")
+  n = symbol_tuning.NUM_EVAL_SEEDS
+  mean_a = 10.0 * (n - 1) / 2
+  assert results["symbol_avg.symsrc.a"]["accuracy"] == pytest.approx(mean_a)
+  assert results["symbol_avg.symsrc.a"]["accuracy/num_seeds"] == n
+  assert results["symbol_avg.symsrc.b"]["accuracy/std"] == 0.0
+  assert results["average"]["accuracy"] == pytest.approx((mean_a + 50.0) / 2)
+  assert results["average"]["accuracy/num_tasks"] == 2
+  path = evaluation.write_results(str(tmp_path), 7, results)
+  with open(path) as f:
+    assert json.load(f)["symbol_avg.symsrc.a"]["accuracy"] == pytest.approx(mean_a)
+
+
 # -- hyperpretraining --------------------------------------------------------------
 
 def test_caclm_split():
