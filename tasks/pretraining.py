@@ -42,9 +42,25 @@ def iter_text_documents(paths: Sequence[str]) -> Iterator[str]:
             yield block.strip()
 
 
-def iter_c4_documents(tfds_data_dir: str, split: str = "train") -> Iterator[str]:
+def load_c4(tfds_data_dir: str, split: str = "train") -> tf.data.Dataset:
+  """C4 (en) from a prepared tfds directory; never downloads.
+
+  Raises FileNotFoundError naming the directory when it holds no prepared c4/en.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  ds = tfds.load("c4/en", split=split, data_dir=tfds_data_dir, download=False)
+  try:
+    return tfds.load("c4/en", split=split, data_dir=tfds_data_dir, download=False)
+  except AssertionError as e:  # tfds' "Dataset c4: could not find data in <dir>"
+    raise FileNotFoundError(
+        f"tfds_data_dir={tfds_data_dir!r} holds no prepared c4/en (expected "
+        f"{os.path.join(tfds_data_dir, 'c4', 'en')}/<version>/ with dataset_info.json and "
+        "the tfrecord shards). Nothing is downloaded (download=False): prepare it "
+        "beforehand, e.g. `tfds build c4/en --data_dir=...`, or pass text_files instead."
+    ) from e
+
+
+def iter_c4_documents(tfds_data_dir: str, split: str = "train") -> Iterator[str]:
+  ds = load_c4(tfds_data_dir, split)
   for ex in ds.as_numpy_iterator():
     yield ex["text"].decode("utf-8")
 
@@ -66,6 +82,10 @@ def register_pretraining(
     raise ValueError(f"unknown objective {objective!r}; use one of {sorted(pretraining.OBJECTIVES)}")
   if not text_files and not tfds_data_dir:
     raise ValueError("register_pretraining needs text_files or a tfds_data_dir holding c4")
+  if tfds_data_dir and not text_files:
+    # Fail at registration, naming the directory, rather than inside the first tf.data
+    # read of a training run.
+    load_c4(tfds_data_dir)
   vocabulary = vocabulary or seqio.ByteVocabulary()
   name = name or f"pretrain_{objective}"
   sentinels = (pretraining.T5_CACLM_SENTINELS

@@ -220,3 +220,57 @@ def test_register_pretraining_from_text(tmp_path):
     pretraining_tasks.register_pretraining("mlm", text_files=[str(f)])
   with pytest.raises(ValueError, match="text_files or a tfds_data_dir"):
     pretraining_tasks.register_pretraining("hint")
+
+
+def _mock_c4(docs):
+  """tfds.testing.mock_data over c4/en whose train split yields `docs` (in order)."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  def as_dataset(builder, split, *args, **kwargs):
+    assert (builder.name, builder.builder_config.name, split) == ("c4", "en", "train")
+    n = len(docs)
+    return tf.data.Dataset.from_tensor_slices({
+        "text": docs, "url": [f"http://x/{i}" for i in range(n)], "timestamp": ["2019"] * n,
+        "content-type": ["text/plain"] * n, "content-length": [str(len(d)) for d in docs]})
+
+  return tfds.testing.mock_data(as_dataset_fn=as_dataset)
+
+
+def test_register_pretraining_from_c4_through_tfds(tmp_path):
+  # Word i of document k is "d<k>w<i>": a window's text names its document.
+  docs = [" ".join(f"d{k}w{i}" for i in range(40 + 5 * k)) for k in range(4)]
+  docs.insert(2, "too short")  # under min_tokens: skipped
+  v = seqio.ByteVocabulary()
+  s0, s1 = v.encode("\x02")[0], v.encode("\x03")[0]
+  lengths = {"hyper_inputs": 128, "inputs": 8, "targets": 128}
+  with _mock_c4(docs):
+    name = pretraining_tasks.register_pretraining("caclm", tfds_data_dir=str(tmp_path),
+                                                  length=128, b_length=8)
+    task = seqio.get_mixture_or_task(name)
+    exs = list(task.get_dataset(None, split="train", shuffle=False).as_numpy_iterator())
+    batch = next(common.get_batches(name, "train", 2, lengths).as_numpy_iterator())
+  assert len(exs) == 4
+  for e, doc in zip(exs, [d for d in docs if d != "too short"]):
+    assert sorted(e) == ["hyper_inputs", "inputs", "targets"]
+    assert all(x.dtype == "int32" for x in e.values())
+    hyper = e["hyper_inputs"].tolist()
+    assert hyper[0] == s0 and hyper.count(s1) == 1 and len(e["inputs"]) == 8
+    a, d = hyper[1:hyper.index(s1)], hyper[hyper.index(s1) + 1:]
+    window = a + e["inputs"].tolist() + e["targets"].tolist() + d
+    assert len(window) == 128 and v.decode(window) in doc  # contiguous window of this document
+  assert batch["hyper_encoder_input_tokens"].shape == (2, 128)
+  assert batch["encoder_input_tokens"].shape == (2, 8)
+  assert batch["decoder_target_tokens"].shape == (2, 128)
+
+
+@pytest.mark.parametrize("subdir", ["empty", "missing"])
+def test_register_pretraining_without_c4_names_the_directory(tmp_path, subdir):
+  d = tmp_path / subdir
+  if subdir == "empty":
+    (d / "mnist").mkdir(parents=True)  # a tfds directory with other datasets only
+  with pytest.raises(FileNotFoundError) as err:
+    pretraining_tasks.register_pretraining("caclm", tfds_data_dir=str(d))
+  msg = str(err.value)
+  assert repr(str(d)) in msg and "c4/en" in msg and "download=False" in msg
+  assert not os.path.exists(os.path.join(d, "downloads"))  # nothing was fetched
