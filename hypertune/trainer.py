@@ -12,11 +12,12 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import gin
 import jax
 import numpy as np
+import seqio
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from hypertune import checkpoints, optimizers, partitioning, progress, train_lib
@@ -66,6 +67,29 @@ def load_initial_params(path: str, params: dict, model: HyperModel,
   return checkpoints.restore_with_assignment_map(source, params, assignment_map)
 
 
+def host_train_batches(mixture_or_task_name: str, batch_size: int,
+                       task_feature_lengths: Mapping[str, int], data_seed: int,
+                       start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+  """This process's rows of each global training batch, from batch `start_step` on.
+
+  Each of the P processes reads its own disjoint shard of the examples (seqio
+  `ShardInfo(jax.process_index(), P)`) in batches of `[batch_size // P, ...]`;
+  `PartitionedTrainer.shard_batch` assembles the global `[batch_size, ...]` arrays. With
+  one process this is the unsharded stream. Every shard is seeded and deterministic, so
+  skipping the consumed batches resumes in the same order.
+  """
+  from tasks import common  # pylint: disable=g-import-not-at-top
+  num_processes = jax.process_count()
+  if batch_size % num_processes:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the {num_processes} "
+                     "processes (each reads batch_size // processes rows)")
+  shard_info = (seqio.ShardInfo(index=jax.process_index(), num_shards=num_processes)
+                if num_processes > 1 else None)
+  return common.get_batches(mixture_or_task_name, "train", batch_size // num_processes,
+                            task_feature_lengths, seed=data_seed,
+                            shard_info=shard_info).skip(start_step).as_numpy_iterator()
+
+
 @gin.configurable(denylist=["train_steps_override"])
 def train(
     model_dir: str = gin.REQUIRED,
@@ -105,6 +129,8 @@ def train(
   Returns {"losses": [loss of each step run by this call], "eval": last evaluation results}.
   """
   restore_only = restored_fn is not None
+  # Before anything touches JAX devices (a no-op unless this is a multi-process job).
+  partitioning.maybe_initialize_distributed()
   for setup in setup_tasks:
     setup()
   from tasks import common  # pylint: disable=g-import-not-at-top
@@ -113,7 +139,6 @@ def train(
   with open(os.path.join(model_dir, config_path), "w") as f:
     f.write(gin.config_str())
   train_steps = train_steps_override or train_steps
-  partitioning.maybe_initialize_distributed()
   mesh = partitioning.make_mesh()
   rules = partitioning.standard_logical_axis_rules()
   batch_shapes = {"encoder_input_tokens": (batch_size, task_feature_lengths["inputs"]),
@@ -180,8 +205,8 @@ def train(
                                                          ckpt.wait_until_finished()))
   # The same data order on resume: a seeded, deterministic stream with the consumed batches
   # skipped.
-  batches = common.get_batches(mixture_or_task_name, "train", batch_size, task_feature_lengths,
-                               seed=data_seed).skip(start_step).as_numpy_iterator()
+  batches = host_train_batches(mixture_or_task_name, batch_size, task_feature_lengths,
+                               data_seed, start_step)
   log = progress.ProgressLogger(model_dir, total_steps=train_steps, start_step=start_step,
                                 log_every_steps=log_every_steps)
   rng = jax.random.key(seed + 1)

@@ -249,11 +249,14 @@ def get_batches(
     seed: Optional[int] = 0,
     num_epochs: Optional[int] = None,
     drop_remainder: bool = True,
+    shard_info: Optional[seqio.ShardInfo] = None,
 ) -> tf.data.Dataset:
   """Batched model features of a task or mixture (tf.data; `.as_numpy_iterator()`).
 
   Uses HyperEncDecFeatureConverter by default with lengths hyper 1024 / inputs 384 /
-  targets 128. num_epochs=None repeats forever (training).
+  targets 128. num_epochs=None repeats forever (training). With `shard_info` only that
+  shard of every task's examples is read (disjoint shards; one per process in multi-host
+  training) and `batch_size` is the shard's rows per batch.
   """
   from hypertune.data import feature_converters  # pylint: disable=g-import-not-at-top
   lengths = dict(task_feature_lengths or feature_converters.DEFAULT_TASK_FEATURE_LENGTHS)
@@ -264,6 +267,7 @@ def get_batches(
       shuffle=shuffle,
       num_epochs=num_epochs,
       seed=seed,
+      shard_info=shard_info,
       use_cached=False,
       feature_converter=feature_converter or feature_converters.HyperEncDecFeatureConverter(),
   )

@@ -307,6 +307,25 @@ def test_get_batches(toy_task_name):
   assert len(list(ds.take(10).as_numpy_iterator())) == 10
 
 
+def test_get_batches_shards_are_disjoint_and_cover_the_split(toy_task_name):
+  lengths = {"hyper_inputs": 64, "inputs": 8, "targets": 8}
+
+  def rows(shard_info=None):
+    # One shuffled epoch, as whole examples (hyper, inputs, targets token rows).
+    ds = common.get_batches(toy_task_name, "train", 3, lengths, seed=0, num_epochs=1,
+                            drop_remainder=False, shard_info=shard_info)
+    return [tuple(tuple(b[k][i]) for k in ("hyper_encoder_input_tokens", "encoder_input_tokens",
+                                            "decoder_target_tokens"))
+            for b in ds.as_numpy_iterator() for i in range(len(b["encoder_input_tokens"]))]
+
+  full = rows()
+  shards = [rows(seqio.ShardInfo(index=i, num_shards=2)) for i in range(2)]
+  assert len(full) == 12 and [len(s) for s in shards] == [6, 6]
+  assert not set(shards[0]) & set(shards[1])
+  assert sorted(shards[0] + shards[1]) == sorted(full)
+  assert rows(None) == full  # unsharded reads are unchanged and deterministic
+
+
 def test_unknown_name_lists_close_matches(toy_task_name):
   with pytest.raises(ValueError, match="Close matches.*test_core.toy"):
     common.get_task_or_mixture("test_core.tpy")

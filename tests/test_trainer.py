@@ -137,3 +137,101 @@ def test_mesh_2x4_matches_one_device(downstream_run, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   line = [l for l in out.stdout.splitlines() if l.startswith("LOSSES")][0]
   np.testing.assert_allclose(json.loads(line[len("LOSSES "):]), full["losses"], rtol=2e-4)
+
+
+# -- multi-host data: each process reads its own shard ------------------------------------
+
+def _register_sharding_mixture():
+  import seqio
+  from hypertune.data import fewshot
+  from tasks import common
+  rates = {}
+  for t in ("p", "q"):
+    train = [fewshot.TaskExample(f"{t}{i}", (f"{t}{i}", "o")) for i in range(8)]
+    task = fewshot.TaskData(name=t, splits={"train": train}, instruction="Copy.",
+                            eval_pool=[e.demonstration() for e in train])
+    common.register_three_input_task(f"shardtest.{t}", task, fewshot.HyperConfig(k=1),
+                                     seqio.ByteVocabulary())
+    rates[f"shardtest.{t}"] = 8.0
+  common.register_mixture("shardtest_mix", rates)
+  return "shardtest_mix", {"hyper_inputs": 32, "inputs": 8, "targets": 8}
+
+
+def _inputs(batches, n):
+  import seqio
+  v = seqio.ByteVocabulary()
+  return [v.decode([t for t in row if t > 1]) for _ in range(n)
+          for row in next(batches)["encoder_input_tokens"].tolist()]
+
+
+def test_host_train_batches_one_process_is_the_unsharded_stream():
+  from hypertune import trainer
+  from tasks import common
+  name, lengths = _register_sharding_mixture()
+  expected = list(common.get_batches(name, "train", 4, lengths, seed=3).take(5)
+                  .as_numpy_iterator())
+  got = trainer.host_train_batches(name, 4, lengths, data_seed=3, start_step=2)
+  for want in expected[2:]:
+    b = next(got)
+    assert sorted(b) == sorted(want)
+    for k in want:
+      np.testing.assert_array_equal(b[k], want[k])
+
+
+def test_host_train_batches_give_each_process_a_disjoint_shard(monkeypatch):
+  import jax
+  from hypertune import trainer
+  name, lengths = _register_sharding_mixture()
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  seen = []
+  for index in (0, 1):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    batches = trainer.host_train_batches(name, 4, lengths, data_seed=0)
+    assert next(batches)["encoder_input_tokens"].shape == (2, 8)  # batch_size // processes
+    seen.append(set(_inputs(batches, 40)))
+  # Every process reads every other example of each task: disjoint, together all of them.
+  assert seen[0] == {f"{t}{i}" for t in "pq" for i in range(0, 8, 2)}
+  assert seen[1] == {f"{t}{i}" for t in "pq" for i in range(1, 8, 2)}
+  with pytest.raises(ValueError, match="batch_size=5 is not divisible by the 2 processes"):
+    trainer.host_train_batches(name, 5, lengths, data_seed=0)
+
+
+def test_two_processes_assemble_global_batches_from_their_shards(tmp_path):
+  import socket
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(repo, "tests", "multihost_data_check.py")], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  results = []
+  for p in procs:
+    try:
+      stdout, stderr = p.communicate(timeout=300)
+    finally:
+      for q in procs:
+        if q.poll() is None:
+          q.kill()
+    assert p.returncode == 0, stderr[-3000:]
+    results.append(json.loads(stdout.strip().splitlines()[-1]))
+  assert [r["process_index"] for r in results] == [0, 1]
+  assert all(r["process_count"] == 2 and r["mesh_data"] == 4 for r in results)
+  import seqio
+  v = seqio.ByteVocabulary()
+  seen = [set(), set()]
+  for b0, b1 in zip(results[0]["batches"], results[1]["batches"]):
+    assert len(b0["local"]) == len(b1["local"]) == 2  # global batch 4 over 2 processes
+    # The global array is every process's rows in process order, seen alike by both.
+    assert b0["global_shape"] == [4, 8] and b0["global"] == b1["global"] == b0["local"] + b1["local"]
+    assert b0["global_sum"] == b1["global_sum"] == int(np.sum(b0["global"]))
+    for i, b in enumerate((b0, b1)):
+      seen[i] |= {v.decode([t for t in row if t > 1]) for row in b["local"]}
+  assert seen[0] and seen[1]
+  assert seen[0] <= {f"tr{i}" for i in range(0, 12, 2)}
+  assert seen[1] <= {f"tr{i}" for i in range(1, 12, 2)}
