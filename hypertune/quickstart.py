@@ -1,11 +1,16 @@
 """Quickstart: `python -m hypertune.quickstart [--model_dir=DIR] [--gin.MACRO=VALUE ...]`.
 
 On the built-in meta-learning suite (no files, byte vocabulary, 2 CPU cores):
-  1. train a small downstream T5 zero-shot on the training families (gin/quickstart/1_*.gin),
-  2. freeze it and train HyperT5-Prefix on the same families (2_*.gin),
-  3. baseline: fine-tune it with the demonstrations concatenated to the inputs (3_*.gin),
-each through the real `hypertune.train` binary, then print held-out results side by side.
-Extra `--gin.*` flags are passed to every stage (e.g. `--gin.TRAIN_STEPS=100` for a smoke run).
+  1. train a small downstream T5 on the training families, on `inputs` alone and with the
+     demonstrations concatenated before them (gin/quickstart/1_downstream.gin);
+  2. freeze it and train HyperT5-Prefix on the same families (2_hypert5.gin): the hypernetwork
+     reads the demonstrations, the frozen model reads `inputs` alone plus generated prefixes;
+  3. evaluate the held-out tasks three ways, each through the real binaries:
+     zero-shot (stage 1's model on `inputs`), HyperT5 (stage 2) and few-shot concatenation
+     (stage 1's model with the demonstrations in `inputs`, `hypertune.eval`), and the same
+     three on new queries of seen tasks (every 10th training task's validation split),
+and print a table per held-out subset. Extra `--gin.*` flags go to every stage (e.g.
+`--gin.TRAIN_STEPS=100` for a smoke run).
 """
 import glob
 import json
@@ -14,35 +19,75 @@ import subprocess
 import sys
 import time
 
+# (table row, run directory, binary, flags; "{model_dir}" is filled in)
 STAGES = (
-    ("zero-shot T5 (MTF)", "quickstart/1_downstream.gin", None),
-    ("HyperT5-Prefix", "quickstart/2_hypert5.gin", "1"),
-    ("few-shot concatenation (MTF-few-shot)", "quickstart/3_fewshot_concat.gin", "1"),
+    ("zero-shot T5", "1", "train", ["--gin_file=quickstart/1_downstream.gin"]),
+    ("HyperT5-Prefix", "2", "train", ["--gin_file=quickstart/2_hypert5.gin",
+                                      "--gin.INITIAL_CHECKPOINT_PATH='{model_dir}/1'"]),
+    ("few-shot concatenation", "1", "eval",
+     ["--gin.EVAL_MIXTURE_OR_TASK_NAME='builtin_concat_heldout'"]),
+)
+# Seen tasks, new queries: (table row, run directory, eval mixture), split "validation".
+SEEN = (
+    ("zero-shot T5", "1", "builtin_zeroshot_train_sample"),
+    ("HyperT5-Prefix", "2", "builtin_train_sample"),
+    ("few-shot concatenation", "1", "builtin_concat_train_sample"),
+)
+# (column, task list: a held-out subset, "train_sample" or None = all held-out, metric)
+COLUMNS = (
+    ("seen acc", "train_sample", "accuracy"),
+    ("seen EM", "train_sample", "exact_match"),
+    ("families acc", "heldout_families", "accuracy"),
+    ("families EM", "heldout_families", "exact_match"),
+    ("compos. EM", "heldout_compositions", "exact_match"),
+    ("new words acc", "heldout_label_words", "accuracy"),
+    ("held-out acc", None, "accuracy"),
+    ("held-out EM", None, "exact_match"),
 )
 
 
-def latest_results(run_dir: str) -> dict:
-  files = sorted(glob.glob(os.path.join(run_dir, "eval", "results_step*.json")),
+def latest_results(run_dir: str, name: str = "results") -> dict:
+  """The newest `eval/<name>_step<N>.json` of a run."""
+  files = sorted(glob.glob(os.path.join(run_dir, "eval", f"{name}_step*.json")),
                  key=lambda p: int(p.rsplit("step", 1)[1].split(".")[0]))
   if not files:
-    raise FileNotFoundError(f"{run_dir}: the run wrote no evaluation results")
+    raise FileNotFoundError(f"{run_dir}: the run wrote no eval/{name}_step*.json")
   with open(files[-1]) as f:
     return json.load(f)
 
 
-def summary_rows(results_by_stage):
-  """[(stage, accuracy on classification families, exact match on generation families)]."""
+def subset_lists(seed: int = 0) -> dict:
+  """{held-out subset or "train_sample": [source task names]} from the suite's split files."""
+  from hypertune.data import builtin_suite  # pylint: disable=g-import-not-at-top
+  out = {}
+  for subset in builtin_suite.HELDOUT_SUBSETS + ("train_sample",):
+    with open(os.path.join(builtin_suite.default_cache_dir(seed), "splits",
+                           f"{subset}_tasks.txt")) as f:
+      out[subset] = [line.strip() for line in f if line.strip()]
+  return out
+
+
+def summary_rows(results_by_stage, subsets):
+  """[(row, [mean of each COLUMNS metric over the subset's tasks, NaN where none])]."""
   rows = []
   for name, results in results_by_stage:
-    avg = results["average"]
-    rows.append((name, avg.get("accuracy", float("nan")), avg.get("exact_match", float("nan")),
-                 avg.get("rougeL", float("nan"))))
+    values = []
+    for _, subset, metric in COLUMNS:
+      keep = set(subsets[subset]) if subset else set().union(
+          *(v for k, v in subsets.items() if k != "train_sample"))
+      # Result keys are "<variant>.<source task>", e.g. "builtin_zeroshot.task301_last_n".
+      vals = [r[metric] for task, r in results.items()
+              if task != "average" and metric in r and
+              task.split(".", 1)[-1] in keep]
+      values.append(sum(vals) / len(vals) if vals else float("nan"))
+    rows.append((name, values))
   return rows
 
 
 def format_table(rows) -> str:
-  lines = [f"{'held-out families':40s} {'accuracy':>9s} {'exact match':>12s} {'ROUGE-L':>8s}"]
-  lines += [f"{n:40s} {a:9.1f} {e:12.1f} {r:8.1f}" for n, a, e, r in rows]
+  width = max(len(n) for n, _ in rows)
+  lines = [f"{'':{width}s} " + " ".join(f"{c:>13s}" for c, _, _ in COLUMNS)]
+  lines += [f"{n:{width}s} " + " ".join(f"{v:13.1f}" for v in vals) for n, vals in rows]
   return "\n".join(lines)
 
 
@@ -55,20 +100,29 @@ def main(argv=None):
       argv.remove(arg)
   results = []
   start = time.time()
-  for i, (name, gin_file, init_from) in enumerate(STAGES, 1):
-    run_dir = os.path.join(model_dir, str(i))
-    cmd = [sys.executable, "-m", "hypertune.train", f"--gin_file={gin_file}",
-           f"--gin.MODEL_DIR='{run_dir}'"]
-    if init_from:
-      cmd.append(f"--gin.INITIAL_CHECKPOINT_PATH='{os.path.join(model_dir, init_from)}'")
-    print(f"\n=== stage {i}/{len(STAGES)}: {name} -> {run_dir} "
-          f"({time.time() - start:.0f}s elapsed)", flush=True)
+
+  def run(i, name, run_dir, binary, flags):
+    cmd = [sys.executable, "-m", f"hypertune.{binary}", f"--gin.MODEL_DIR='{run_dir}'"]
+    cmd += [f.format(model_dir=model_dir) for f in flags]
+    print(f"\n=== stage {i}/{len(STAGES) + len(SEEN)}: {name} ({binary}, {run_dir}; "
+          f"{time.time() - start:.0f}s elapsed)", flush=True)
     subprocess.run(cmd + argv, check=True)
-    results.append((name, latest_results(run_dir)))
-  table = format_table(summary_rows(results))
+
+  for i, (name, run_name, binary, flags) in enumerate(STAGES, 1):
+    run_dir = os.path.join(model_dir, run_name)
+    run(i, name, run_dir, binary, flags)
+    results.append((name, latest_results(run_dir) if binary == "train" else
+                    latest_results(run_dir, "builtin_concat_heldout_test")))
+  for i, ((name, run_name, mixture), (_, row)) in enumerate(zip(SEEN, results), len(STAGES) + 1):
+    run_dir = os.path.join(model_dir, run_name)
+    run(i, f"{name}, seen tasks", run_dir, "eval",
+        [f"--gin.EVAL_MIXTURE_OR_TASK_NAME='{mixture}'",
+         "--gin.evaluate_checkpoint.split='validation'"])
+    row.update(latest_results(run_dir, f"{mixture}_validation"))
+  table = format_table(summary_rows(results, subset_lists()))
   with open(os.path.join(model_dir, "results.txt"), "w") as f:
     f.write(table + "\n")
-  print(f"\nquickstart finished in {time.time() - start:.0f}s; held-out results "
+  print(f"\nquickstart finished in {time.time() - start:.0f}s; held-out results in % "
         f"({os.path.join(model_dir, 'results.txt')}):\n{table}")
 
 

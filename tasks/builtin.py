@@ -16,7 +16,10 @@ builtin.<task>         one task (e.g. builtin.task001_reverse)
 =====================  ==========================================================
 
 with ``builtin_concat*`` (demos concatenated into `inputs`: T5-MTF-Few-shot) and
-``builtin_zeroshot*`` (inputs only: T5-MTF) variants reading the same data.
+``builtin_zeroshot*`` (inputs only: T5-MTF) variants reading the same data, and
+``builtin_mixed_train`` (the zeroshot and concat training tasks together: one downstream
+model that serves as both baselines). Training mixtures are merged tasks
+(`tasks.common.register_merged_task`): one tf.data pipeline for hundreds of small tasks.
 
 Default setting "fewshot": the hypernetwork reads K=8 demonstrations
 ``<x> in <y> out ...`` (no definition; "def_2pos" and "def_fewshot" are available).
@@ -34,6 +37,7 @@ import gin
 import seqio
 
 from hypertune.data import builtin_suite
+from tasks import common
 from tasks import sni as sni_tasks
 
 SUGGESTED_TASK_FEATURE_LENGTHS = {"hyper_inputs": 256, "inputs": 32, "targets": 16}
@@ -72,7 +76,7 @@ def register_builtin_suite(
     prefix: name prefix.
   """
   out_dir = builtin_suite.write_suite(data_dir, seed=seed, config=config)
-  return sni_tasks.register_sni_layout(
+  mixtures = sni_tasks.register_sni_layout(
       out_dir,
       vocabulary=vocabulary or seqio.ByteVocabulary(),
       prefix=prefix,
@@ -89,3 +93,12 @@ def register_builtin_suite(
       max_inputs_length=max_inputs_length,
       list_aliases={"test": "heldout"},
   )
+  # The downstream model of the quickstart trains on both formats, so one model serves as
+  # the zero-shot baseline, the few-shot-concatenation baseline and HyperT5's frozen model.
+  parts = (f"{prefix}_zeroshot_train", f"{prefix}_concat_train")
+  if all(p in mixtures for p in parts):
+    rates = {t: r for p in parts for t, r in common.mixture_rates(p).items()}
+    common.register_merged_task(f"{prefix}_mixed_train", rates,
+                                vocabulary or seqio.ByteVocabulary(), seed=seed)
+    mixtures[f"{prefix}_mixed_train"] = list(rates)
+  return mixtures

@@ -69,7 +69,7 @@ def register_sni_layout(
   if not train_tasks and not test_tasks:
     raise ValueError(f"{data_dir}: none of the listed S-NI tasks were found")
   aliases = dict(list_aliases or {})
-  test_by_name = {t.name: t for t in test_tasks}
+  listed = {t.name for t in train_tasks + test_tasks}
   out: Dict[str, List[str]] = {}
   done_variants = set()
   for setting in settings:
@@ -93,7 +93,7 @@ def register_sni_layout(
         sizes[t.name] = t.num_examples("train") or t.num_examples("test")
       lists = {"train": [t.name for t in train_tasks], "test": [t.name for t in test_tasks]}
       for lname, names in layout.extra_lists.items():
-        lists[lname] = [n for n in names if n in test_by_name]
+        lists[lname] = [n for n in names if n in listed]
       for lname, names in lists.items():
         if not names:
           continue
@@ -101,7 +101,10 @@ def register_sni_layout(
         rates = common.size_proportional_rates(
             {f"{variant}.{common.safe_name(n)}": sizes[n] for n in names},
                                                mixing_cap if lname == "train" else None)
-        common.register_mixture(mix, rates)
+        if lname == "train":  # One pipeline for hundreds of tasks (see register_merged_task).
+          common.register_merged_task(mix, rates, vocabulary, seed=seed)
+        else:
+          common.register_mixture(mix, rates)
         out[mix] = list(rates)
   common.log_registration(prefix, len(train_tasks) + len(test_tasks),
                           len(missing_tr) + len(missing_te))

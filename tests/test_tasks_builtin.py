@@ -88,8 +88,9 @@ def test_tasks_need_demonstrations(suite):
 def test_strings_are_short_and_classes_balanced(suite):
   for name, t in suite["tasks"].items():
     for inst in t["Instances"]:
-      assert 3 <= len(inst["input"]) <= 8, name
-      assert 1 <= len(inst["output"][0]) <= 10, (name, inst)
+      single = _family(t) in {r.name for r in builtin_suite.TRAIN_RULES if r.single_letter}
+      assert (len(inst["input"]) == 1) if single else (3 <= len(inst["input"]) <= 5), name
+      assert 1 <= len(inst["output"][0]) <= 12, (name, inst)  # fits targets=16
     if "hypertune_answer_choices" in t:
       counts = collections.Counter(i["output"][0] for i in t["Instances"])
       assert min(counts.values()) >= 0.3 * sum(counts.values()), (name, counts)
@@ -99,7 +100,8 @@ def test_written_files_follow_sni_schema(registered):
   d, _ = registered
   layout = sni.find_layout(d)
   assert layout.train_tasks and layout.test_tasks
-  assert set(layout.extra_lists) == set(builtin_suite.HELDOUT_SUBSETS)
+  assert set(layout.extra_lists) == set(builtin_suite.HELDOUT_SUBSETS) | {"train_sample"}
+  assert layout.extra_lists["train_sample"] == layout.train_tasks[::builtin_suite.TRAIN_SAMPLE_EVERY]
   for name in layout.train_tasks[:5] + layout.test_tasks[:5]:
     raw = sni.load_task_file(layout.task_files[name])
     assert sni.is_english(raw) and len(raw["Positive Examples"]) == 2
@@ -124,13 +126,16 @@ def test_registered_names(registered):
   _, mixtures = registered
   for prefix in ("builtin", "builtin_concat", "builtin_zeroshot"):
     for m in ("train", "heldout", "heldout_families", "heldout_compositions",
-              "heldout_label_words"):
+              "heldout_label_words", "train_sample"):
       assert f"{prefix}_{m}" in mixtures, f"{prefix}_{m}"
   assert set(common.mixture_tasks("builtin_heldout")) == set(
       mixtures["builtin_heldout_families"] + mixtures["builtin_heldout_compositions"]
       + mixtures["builtin_heldout_label_words"])
   assert not set(mixtures["builtin_train"]) & set(mixtures["builtin_heldout"])
-  assert "builtin.task001_reverse" in mixtures["builtin_train"]
+  assert "builtin.task001_first_n" in mixtures["builtin_train"]
+  # The quickstart's downstream mixture: both formats of every training task.
+  assert sorted(mixtures["builtin_mixed_train"]) == sorted(
+      mixtures["builtin_zeroshot_train"] + mixtures["builtin_concat_train"])
 
 
 def test_three_input_variants(registered):
@@ -152,10 +157,10 @@ def test_three_input_variants(registered):
   demos = common.get_eval_demonstrations(name)
   assert len(demos) == 4 and not {d[0] for d in demos} & evaluated
   # Training split: demos sampled per example, never the example itself.
-  tr = common.get_examples("builtin.task001_reverse", "train")
+  tr = common.get_examples("builtin.task001_first_n", "train")
   for e in tr:
     assert f"{x} {e['inputs']} {y}" not in e["hyper_inputs"]
-  assert len(common.get_examples("builtin.task001_reverse", "validation")) == 5
+  assert len(common.get_examples("builtin.task001_first_n", "validation")) == 5
 
 
 def test_batches_through_converter(registered):
@@ -189,3 +194,32 @@ def test_rank_classification_on_heldout_label_words(registered):
   # Zero-shot "always choice 0" scorer is near chance on balanced classes.
   acc = metrics.rank_classification_accuracy(-choice.astype(float), ids, choice, labels)
   assert 20 <= acc <= 80
+
+
+def _epoch(name, split="train", epochs=1):
+  ds = seqio.get_mixture_or_task(name).get_dataset(None, split, shuffle=False, num_epochs=epochs)
+  return [(ex["task_name"].decode(), ex["hyper_inputs_pretokenized"].decode())
+          for ex in ds.as_numpy_iterator()]
+
+
+def test_merged_training_mixture_is_examples_proportional(registered):
+  """builtin_train is one seqio Task streaming all training tasks (register_merged_task):
+  one epoch holds every task's examples once, shuffled together."""
+  _, mixtures = registered
+  rates = common.mixture_rates("builtin_train")
+  assert sorted(rates) == sorted(mixtures["builtin_train"])
+  counts = collections.Counter(t for t, _ in _epoch("builtin_train"))
+  assert counts == {t.split(".", 1)[1]: int(r) for t, r in rates.items()}
+  order = [t for t, _ in _epoch("builtin_train")]
+  assert order[:len(rates)] != sorted(order[:len(rates)])  # mixed, not task by task
+
+
+def test_training_epochs_draw_fresh_demonstrations(registered):
+  """seqio caches small sources in memory before repeat(); ours must not be, or every epoch
+  would replay epoch 0's demonstrations."""
+  _, mixtures = registered
+  name = mixtures["builtin_train"][0]
+  two = _epoch(name, epochs=2)
+  first, second = two[:len(two) // 2], two[len(two) // 2:]
+  assert len(first) == SMALL.train_instances - 5  # minus the validation instances
+  assert first != second

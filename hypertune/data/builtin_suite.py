@@ -1,13 +1,17 @@
 """The built-in meta-learning suite: procedurally generated tasks in the S-NI schema.
 
-Each *task* is a family plus hidden parameters drawn per task, e.g. "shift letters
-by k" with k=7, or "classify by length parity" with label words ("moon", "red"). The
-parameters are only visible through the task's demonstrations, so a model that reads
-demonstrations (hypernetwork or in-context concatenation) can solve a task that a
-zero-shot model can only guess (it still learns the family's format and label space).
+Each *task* is a family plus hidden parameters drawn per task, e.g. "append a fixed ending"
+with ending "q", or "the word that goes with each letter" with ("t" -> "vop", "o" -> "zak").
+The parameters and label words are only visible through the task's demonstrations, so a
+model that reads demonstrations (hypernetwork or in-context concatenation) can solve a task
+that a zero-shot model can only guess (it still learns the family's format and label space).
 
-Strings are short (inputs 3-8 lowercase letters, targets 1-10 characters) so that a
-tiny byte-level T5 learns the training families on CPU in minutes.
+Families: string transformations that copy the input with one change (first_n, double,
+append, remove_letter, uppercase) and their compositions; classification by a hidden rule
+(first letter, contains, length parity, longer than) with label words drawn per task from a
+pool of 784 consonant-vowel-consonant words (196 more are held out); token mappings (`letter_word`: one letter ->
+its word, in-context learning's simplest form). Strings are 3-5 letters (targets <= 12
+bytes) so that a tiny byte-level T5 trains on CPU in minutes.
 
 Split (fixed for a seed; held-out never appears in training - tested):
 
@@ -35,17 +39,23 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from hypertune.data import fewshot
 
-SUITE_VERSION = 2  # 2: first_letter / last_letter lookup rules
+SUITE_VERSION = 3  # 2: first_letter / last_letter lookup rules; 3: many tasks, generated label words
 LETTERS = string.ascii_lowercase
 VOWELS = set("aeiou")
 
-TRAIN_LABEL_WORDS = (
-    "yes", "no", "red", "blue", "cat", "dog", "up", "down", "hot", "cold", "sun", "moon",
-    "left", "right", "big", "small", "on", "off", "win", "lose", "fox", "owl", "tea", "jam",
-)
-HELDOUT_LABEL_WORDS = (
-    "pear", "plum", "north", "south", "zip", "zap", "kiwi", "lime", "rock", "reed",
-)
+
+
+def _label_word_pools(seed: int = 1234) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+  """(training, held-out) label words: consonant-vowel-consonant strings ("kov", "ruz"),
+  a fixed shuffle split 4:1. Tasks draw a fresh pair each, so a model cannot memorise which
+  word means what; it has to read the pairing off the demonstrations."""
+  words = [a + v + b for a in "bdfgklmnprstvz" for v in "aeiou" for b in "bdfgklmnprstvz"]
+  random.Random(seed).shuffle(words)
+  cut = len(words) * 4 // 5
+  return tuple(words[:cut]), tuple(words[cut:])
+
+
+TRAIN_LABEL_WORDS, HELDOUT_LABEL_WORDS = _label_word_pools()
 
 Fn = Callable[[str], str]
 
@@ -128,21 +138,26 @@ def _rotate(rng):
   return f"n={n}", lambda s: s[n % len(s):] + s[: n % len(s)], None
 
 
+# Every family copies the input with one modification, learnable by a tiny byte-level model
+# in minutes (algorithmic ones - reverse, sort, shift, substitute - need far longer; they stay
+# available through Transform for bigger runs).
 TRAIN_TRANSFORMS = (
-    Transform("reverse", "Reverse the letters.", _reverse),
-    Transform("shift", "Shift every letter forward in the alphabet by a fixed amount.", _shift),
     Transform("first_n", "Keep only the first few letters.", _first_n),
     Transform("double", "Write every letter twice.", _double),
-    Transform("substitute", "Replace every letter by its partner letter.", _substitute),
     Transform("append", "Add the same ending to the string.", _append),
     Transform("remove_letter", "Delete every copy of one letter.", _remove_letter),
     Transform("uppercase", "Write the string in capitals.", _upper),
-    Transform("sort", "Sort the letters alphabetically.", _sort),
 )
 HELDOUT_TRANSFORMS = (
     Transform("last_n", "Keep only the last few letters.", _last_n),
-    Transform("rotate", "Move the first few letters to the end.", _rotate),
     Transform("prepend", "Add the same beginning to the string.", _prepend),
+)
+OTHER_TRANSFORMS = (
+    Transform("reverse", "Reverse the letters.", _reverse),
+    Transform("shift", "Shift every letter forward in the alphabet by a fixed amount.", _shift),
+    Transform("substitute", "Replace every letter by its partner letter.", _substitute),
+    Transform("sort", "Sort the letters alphabetically.", _sort),
+    Transform("rotate", "Move the first few letters to the end.", _rotate),
 )
 
 
@@ -153,6 +168,10 @@ class Rule:
   name: str
   definition: str
   make: Callable[[random.Random], Tuple[str, Callable[[str], bool], Optional[str]]]
+  # Inputs are one letter (repeating): a token mapping, in-context learning's simplest form.
+  single_letter: bool = False
+  # Tasks per family, in units of SuiteConfig.tasks_per_rule.
+  weight: int = 1
 
 
 def _length_parity(rng):
@@ -166,7 +185,7 @@ def _contains(rng):
 
 
 def _longer_than(rng):
-  n = rng.randint(4, 6)
+  n = rng.randint(3, 4)
   return f"n={n}", lambda s: len(s) > n, None
 
 
@@ -193,7 +212,9 @@ def _last_letter(rng):
 
 
 TRAIN_RULES = (
-    Rule("first_letter", "Classify the string by its first letter.", _first_letter),
+    Rule("letter_word", "Answer with the word that goes with the letter.", _first_letter,
+         single_letter=True, weight=3),
+    Rule("first_letter", "Classify the string by its first letter.", _first_letter, weight=2),
     Rule("length_parity", "Classify the string by whether its length is even.", _length_parity),
     Rule("contains", "Classify the string by whether it contains a certain letter.", _contains),
     Rule("longer_than", "Classify the string by whether it is long.", _longer_than),
@@ -207,22 +228,28 @@ HELDOUT_RULES = (
 
 @dataclasses.dataclass(frozen=True)
 class SuiteConfig:
-  """Sizes of the generated suite (defaults: ~110 training tasks, ~40 held-out)."""
+  """Sizes of the generated suite (defaults: 220 training tasks, 92 held-out).
 
-  tasks_per_transform: int = 6
+  Many tasks per family (each with its own hidden parameters and label words) so that
+  what is learned is reading demonstrations, not the tasks themselves.
+  """
+
+  tasks_per_transform: int = 8
   tasks_per_composition: int = 2
-  num_train_compositions: int = 12
+  num_train_compositions: int = 10
   num_heldout_compositions: int = 6
-  tasks_per_rule: int = 8
-  heldout_tasks_per_family: int = 3
-  heldout_label_word_tasks_per_rule: int = 3
-  train_instances: int = 100
-  heldout_instances: int = 50
+  tasks_per_rule: int = 20
+  # Many small held-out tasks: a task's two label words make its accuracy 0/50/100-ish for a
+  # model that ignores the demonstrations, so few tasks would be a noisy average.
+  heldout_tasks_per_family: int = 6
+  heldout_label_word_tasks_per_rule: int = 10
+  train_instances: int = 40
+  heldout_instances: int = 16
   # Extra instances per held-out task, after the evaluated ones: the pool from which
   # the fixed evaluation demonstrations are drawn (never evaluated).
   heldout_demo_pool: int = 16
   min_len: int = 3
-  max_len: int = 8
+  max_len: int = 5
 
 
 def _random_input(rng, alphabet, cfg):
@@ -243,13 +270,13 @@ def _transform_instances(rng, fn, alphabet, n, cfg):
   return out
 
 
-def _rule_instances(rng, pred, alphabet, words, n, cfg):
+def _rule_instances(rng, pred, alphabet, words, n, cfg, unique=True):
   """Balanced classes (half each) so the majority label is uninformative."""
   buckets = {True: [], False: []}
   seen = set()
   for _ in range(200 * n):
     s = _random_input(rng, alphabet, cfg)
-    if s in seen:
+    if unique and s in seen:
       continue
     seen.add(s)
     b = buckets[bool(pred(s))]
@@ -328,7 +355,9 @@ def generate_suite(seed: int = 0, config: SuiteConfig = SuiteConfig()) -> Dict[s
     for j in range(n_tasks):
       rng, (params, pred, alpha) = distinct(seen, lambda x: r.make(x), "r", r.name, split, j)
       words = tuple(rng.sample(words_pool, 2))
-      inst = _rule_instances(rng, pred, alpha, words, n_inst + 2, config)
+      inst = _rule_instances(rng, pred, alpha, words, n_inst + 2,
+                             dataclasses.replace(config, min_len=1, max_len=1)
+                             if r.single_letter else config, unique=not r.single_letter)
       add(split, r.name, f"{r.definition} Answer with one of two words.", inst,
           {"family": r.name, "params": params, "label_words": list(words)},
           choices=words, category="Classification")
@@ -358,7 +387,7 @@ def generate_suite(seed: int = 0, config: SuiteConfig = SuiteConfig()) -> Dict[s
                         config.num_train_compositions + config.num_heldout_compositions]
   composition_tasks("train", train_pairs, n_tr)
   for r in TRAIN_RULES:
-    rule_tasks("train", r, config.tasks_per_rule, n_tr, TRAIN_LABEL_WORDS)
+    rule_tasks("train", r, config.tasks_per_rule * r.weight, n_tr, TRAIN_LABEL_WORDS)
   for t in HELDOUT_TRANSFORMS:
     transform_tasks("heldout_families", t, config.heldout_tasks_per_family, n_ho)
   for r in HELDOUT_RULES:
@@ -371,6 +400,9 @@ def generate_suite(seed: int = 0, config: SuiteConfig = SuiteConfig()) -> Dict[s
 
 
 HELDOUT_SUBSETS = ("heldout_families", "heldout_compositions", "heldout_label_words")
+# Every TRAIN_SAMPLE_EVERY-th training task, listed as "train_sample" to evaluate seen tasks on
+# new queries (their validation split) without decoding all of them.
+TRAIN_SAMPLE_EVERY = 10
 
 
 def default_cache_dir(seed: int) -> str:
@@ -404,6 +436,7 @@ def write_suite(out_dir: Optional[str] = None, seed: int = 0,
   sp = suite["splits"]
   lists = {"train": sp["train"], "test": [n for s in HELDOUT_SUBSETS for n in sp[s]]}
   lists.update({s: sp[s] for s in HELDOUT_SUBSETS})
+  lists["train_sample"] = sp["train"][::TRAIN_SAMPLE_EVERY]
   for split, names in lists.items():
     with open(os.path.join(tmp, "splits", f"{split}_tasks.txt"), "w", encoding="utf-8") as f:
       f.write("\n".join(names) + "\n")
