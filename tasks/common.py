@@ -192,8 +192,8 @@ def register_merged_task(name: str, rates: Mapping[str, float], vocabulary: seqi
   """One seqio Task streaming a mixture of tasks registered by `register_three_input_task`.
 
   The same examples-proportional mixing as `register_mixture` (per epoch, round(rate)
-  examples of each task, drawn without replacement from its own epoch stream, then all
-  shuffled together, seeded), but in one tf.data pipeline: seqio builds a pipeline per
+  examples of each task - at most all of them - drawn without replacement from its own
+  epoch stream, then all shuffled together, seeded), but in one tf.data pipeline: seqio builds a pipeline per
   task of a Mixture (tracing its preprocessors, filling its buffers), which dominates
   start-up and throughput for hundreds of small tasks (S-NI, the built-in suite).
   Splits other than "train" are every example of every task, in order.
@@ -214,15 +214,9 @@ def register_merged_task(name: str, rates: Mapping[str, float], vocabulary: seqi
     rng = random.Random(fewshot.stable_seed("merged", seed, name, epoch))
     out = []
     for t, b in builders.items():
-      want, sub_epoch = int(round(rates[t])), epoch
-      while want > 0:
-        exs = list(b.examples(split, sub_epoch))
-        if not exs:
-          break
-        rng.shuffle(exs)
-        out.extend(exs[:want])
-        want -= len(exs[:want])
-        sub_epoch += 1_000_003  # Rates above the task size: more fresh passes.
+      exs = list(b.examples(split, epoch))
+      rng.shuffle(exs)
+      out.extend(exs[:int(round(rates[t]))])
     rng.shuffle(out)
     yield from out
 

@@ -9,8 +9,8 @@ that a zero-shot model can only guess (it still learns the family's format and l
 Families: string transformations that copy the input with one change (first_n, double,
 append, remove_letter, uppercase) and their compositions; classification by a hidden rule
 (first letter, contains, length parity, longer than) with label words drawn per task from a
-pool of 784 consonant-vowel-consonant words (196 more are held out); token mappings (`letter_word`: one letter ->
-its word, in-context learning's simplest form). Strings are 3-5 letters (targets <= 12
+pool of 784 consonant-vowel-consonant words (196 more are held out); token mappings
+(`letter_word`: one letter -> its word, in-context learning's simplest form). Strings are 3-5 letters (targets <= 12
 bytes) so that a tiny byte-level T5 trains on CPU in minutes.
 
 Split (fixed for a seed; held-out never appears in training - tested):
@@ -39,10 +39,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from hypertune.data import fewshot
 
-SUITE_VERSION = 3  # 2: first_letter / last_letter lookup rules; 3: many tasks, generated label words
+# 2: first_letter / last_letter lookup rules; 3: copy-with-change transforms, token mappings,
+# generated label words, many small held-out tasks.
+SUITE_VERSION = 3
 LETTERS = string.ascii_lowercase
 VOWELS = set("aeiou")
-
 
 
 def _label_word_pools(seed: int = 1234) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
