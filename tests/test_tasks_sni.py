@@ -1,5 +1,6 @@
 """Tests of the S-NI loader and registry: small files made here + the real files."""
 
+import collections
 import json
 import os
 
@@ -101,9 +102,13 @@ def test_settings_english_filter_and_mixtures(tmp_path):
   assert sorted(out["t2_def_train"]) == ["t2_def.task0_t", "t2_def.task1_t", "t2_def.task2_t"]
   assert out["t2_def_test"] == ["t2_def.task3_t"]
   assert "t2_zeroshot_train" in out
-  mix = seqio.get_mixture_or_task("t2_def_train")
-  rates = {t.name: mix.get_rate(t) for t in mix.tasks}
+  # Training mixtures are merged tasks (one pipeline), size-proportional with the cap.
+  assert isinstance(seqio.get_mixture_or_task("t2_def_train"), seqio.Task)
+  rates = common.mixture_rates("t2_def_train")
   assert rates == {"t2_def.task0_t": 3.0, "t2_def.task1_t": 4.0, "t2_def.task2_t": 4.0}
+  epoch = seqio.get_mixture_or_task("t2_def_train").get_dataset(None, "train", shuffle=False)
+  counts = collections.Counter(ex["task_name"].decode() for ex in epoch.as_numpy_iterator())
+  assert counts == {"task0_t": 3, "task1_t": 4, "task2_t": 4}  # task2_t's 5th capped away
   d = common.get_examples("t2_def.task3_t", "test")[0]
   assert d["hyper_inputs"] == f"{formatting.BYTE_TOKENS.x} Answer with the opposite word."
   f = common.get_examples("t2_fewshot.task0_t", "train")
