@@ -12,7 +12,7 @@ builtin_train          mixture of the training-family tasks; splits "train" and
 builtin_heldout        all held-out tasks; split "test"
 builtin_heldout_families / builtin_heldout_compositions / builtin_heldout_label_words
                        the three held-out subsets; split "test"
-builtin.<task>         one task (e.g. builtin.task001_reverse)
+builtin.<task>         one task (e.g. builtin.task001_first_n)
 =====================  ==========================================================
 
 with ``builtin_concat*`` (demos concatenated into `inputs`: T5-MTF-Few-shot) and
