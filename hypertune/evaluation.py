@@ -38,17 +38,25 @@ def detokenize(vocab, tokens) -> list:
   return out
 
 
+@gin.configurable(denylist=["model", "task_feature_lengths", "batch_size", "num_beams"])
 class Evaluator:
-  """Scores or decodes tasks with a HyperModel's parameters; compiled functions are shared."""
+  """Scores or decodes tasks with a HyperModel's parameters; compiled functions are shared.
+
+  Tasks with `answer_choices` get rank classification; with `generate_classification` they
+  are also decoded (S-NI's protocol scores every task by generation, which also shows whether
+  a model knows a task's label words at all).
+  """
 
   def __init__(self, model: HyperModel, task_feature_lengths: Mapping[str, int],
-               batch_size: int = 32, max_decode_len: Optional[int] = None, num_beams: int = 1):
+               batch_size: int = 32, max_decode_len: Optional[int] = None, num_beams: int = 1,
+               generate_classification: bool = False):
     self.model = model
     self.downstream = T5(model.config)
     self.lengths = dict(task_feature_lengths)
     self.batch_size = batch_size
     self.max_decode_len = max_decode_len or self.lengths["targets"]
     self.num_beams = num_beams
+    self.generate_classification = generate_classification
     self._peft = jax.jit(lambda p, t: model.apply({"params": p}, t, method=HyperModel.generate_peft))
     self._score = jax.jit(lambda p, b, peft: decoding.token_log_likelihood(
         self.downstream, p, b["encoder_input_tokens"], b["decoder_input_tokens"],
@@ -120,11 +128,13 @@ class Evaluator:
     results = {}
     for name in task_names:
       examples = common.get_examples(name, split)
-      if examples and examples[0].get("answer_choices"):
-        results[name] = self.rank_classification(params, name, split)
-      else:
-        results[name] = self.generation(params, name, split,
-                                        [ex["references"] for ex in examples])
+      results[name] = {}
+      classification = bool(examples and examples[0].get("answer_choices"))
+      if classification:
+        results[name].update(self.rank_classification(params, name, split))
+      if not classification or self.generate_classification:
+        results[name].update(self.generation(params, name, split,
+                                             [ex["references"] for ex in examples]))
       logging.info("eval %s: %s", name, results[name])
     return metrics_lib.aggregate_task_metrics(results)
 

@@ -180,9 +180,11 @@ class ProgressLogger:
     # -- eval --------------------------------------------------------------------------
 
     def write_eval(self, step: int, metrics: Mapping[str, float]) -> str:
-        """Logs eval metrics (e.g. ``{'task_x/rougeL': 40.1, 'average/rougeL': 38.0}``) and
-        writes them under ``model_dir/eval``."""
-        line = f"eval @ step {step} | " + " | ".join(f"{k} {_scalar(v):.4f}" for k, v in metrics.items())
+        """Writes eval metrics (e.g. ``{'task_x/rougeL': 40.1, 'average/rougeL': 38.0}``) under
+        ``model_dir/eval`` and prints the averages (per-task numbers of a hundred tasks would
+        bury the progress lines; they are in TensorBoard and the results JSON)."""
+        shown = {k: v for k, v in metrics.items() if k.startswith("average/")} or metrics
+        line = f"eval @ step {step} | " + " | ".join(f"{k} {_scalar(v):.4f}" for k, v in shown.items())
         self._print(line)
         self.write_scalars("eval", step, metrics)
         return line

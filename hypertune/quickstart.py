@@ -8,7 +8,7 @@ On the built-in meta-learning suite (no files, byte vocabulary, 2 CPU cores):
   3. evaluate the held-out tasks three ways, each through the real binaries:
      zero-shot (stage 1's model on `inputs`), HyperT5 (stage 2) and few-shot concatenation
      (stage 1's model with the demonstrations in `inputs`, `hypertune.eval`), and the same
-     three on new queries of seen tasks (every 10th training task's validation split),
+     three on new queries of seen tasks (every 20th training task's validation split),
 and print a table per held-out subset. Extra `--gin.*` flags go to every stage (e.g.
 `--gin.TRAIN_STEPS=100` for a smoke run).
 """
@@ -41,6 +41,7 @@ COLUMNS = (
     ("families EM", "heldout_families", "exact_match"),
     ("compos. EM", "heldout_compositions", "exact_match"),
     ("new words acc", "heldout_label_words", "accuracy"),
+    ("new words EM", "heldout_label_words", "exact_match"),
     ("held-out acc", None, "accuracy"),
     ("held-out EM", None, "exact_match"),
 )

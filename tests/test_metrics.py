@@ -128,3 +128,21 @@ def test_aggregate_averages_seeds_per_source_and_weighs_each_source_once():
     assert json.loads(json.dumps(out))["symbol_avg.b"]["accuracy"] == 90.0
     with pytest.raises(ValueError, match="'symbol_avg.b' is reserved"):
         metrics.aggregate_task_metrics({"symbol.b": {"acc": 1.0}, "symbol_avg.b": {"acc": 1.0}})
+
+
+@pytest.mark.parametrize("generate_classification", [False, True])
+def test_evaluator_decodes_classification_tasks_only_when_asked(monkeypatch,
+                                                                 generate_classification):
+  from hypertune import evaluation
+  from tasks import common
+  examples = {"cls": [{"answer_choices": ["a", "b"], "references": ["a"]}],
+              "gen": [{"references": ["xyz"]}]}
+  monkeypatch.setattr(common, "get_examples", lambda name, split: examples[name])
+  ev = object.__new__(evaluation.Evaluator)  # no model: scoring and decoding are faked
+  ev.generate_classification = generate_classification
+  ev.rank_classification = lambda params, name, split: {"accuracy": 50.0}
+  ev.generation = lambda params, name, split, refs: {"exact_match": 100.0 * (refs == [["a"]])}
+  results = ev.evaluate(None, ["cls", "gen"], "test")
+  assert results["gen"] == {"exact_match": 0.0}
+  assert results["cls"] == ({"accuracy": 50.0, "exact_match": 100.0} if generate_classification
+                            else {"accuracy": 50.0})

@@ -51,7 +51,8 @@ def test_log_line_and_tensorboard(tmp_path):
     assert lines[1] == (
         "step 20/100 | loss 15.5000 | aux_loss 0.1000 | lr 1.00e-03 | 2.00 steps/s | 2,000 tokens/s | ETA 0:00:40"
     )
-    p.write_eval(20, {"copa/accuracy": 55.0, "average/rougeL": 31.5})
+    line = p.write_eval(20, {"copa/accuracy": 55.0, "average/rougeL": 31.5})
+    assert line == "eval @ step 20 | average/rougeL 31.5000"  # per-task numbers: TensorBoard
     p.close()
     train = read_scalars(tmp_path / "train")
     assert train["loss"] == [(10, 5.5), (20, 15.5)]

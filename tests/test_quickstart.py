@@ -18,15 +18,16 @@ def test_summary_rows_average_each_subset_and_metric():
              "builtin_zeroshot.task1_last_n": {"exact_match": 10.0, "rougeL": 10.0},
              "builtin_zeroshot.task2_last_letter": {"accuracy": 60.0},
              "builtin_zeroshot.task3_a_then_b": {"exact_match": 30.0, "rougeL": 40.0},
-             "builtin_zeroshot.task4_contains": {"accuracy": 80.0}}
+             "builtin_zeroshot.task4_contains": {"accuracy": 80.0, "exact_match": 50.0}}
   [(name, values)] = quickstart.summary_rows([("zero-shot", results)], subsets)
   by_column = dict(zip([c for c, _, _ in quickstart.COLUMNS], values))
   assert name == "zero-shot"
   assert by_column["seen acc"] == 90.0 and math.isnan(by_column["seen EM"])
   assert by_column["families acc"] == 60.0 and by_column["families EM"] == 10.0
   assert by_column["compos. EM"] == 30.0 and by_column["new words acc"] == 80.0
+  assert by_column["new words EM"] == 50.0
   # Held-out averages leave the seen tasks out.
-  assert by_column["held-out acc"] == 70.0 and by_column["held-out EM"] == 20.0
+  assert by_column["held-out acc"] == 70.0 and by_column["held-out EM"] == 30.0
   table = quickstart.format_table([(name, values)])
   assert table.splitlines()[1].split()[1:4] == ["90.0", "nan", "60.0"]
 

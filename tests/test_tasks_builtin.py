@@ -101,7 +101,7 @@ def test_written_files_follow_sni_schema(registered):
   layout = sni.find_layout(d)
   assert layout.train_tasks and layout.test_tasks
   assert set(layout.extra_lists) == set(builtin_suite.HELDOUT_SUBSETS) | {"train_sample"}
-  assert layout.extra_lists["train_sample"] == layout.train_tasks[::builtin_suite.TRAIN_SAMPLE_EVERY]
+  assert layout.extra_lists["train_sample"] == layout.train_tasks[::builtin_suite.SuiteConfig().train_sample_every]
   for name in layout.train_tasks[:5] + layout.test_tasks[:5]:
     raw = sni.load_task_file(layout.task_files[name])
     assert sni.is_english(raw) and len(raw["Positive Examples"]) == 2

@@ -67,6 +67,8 @@ def test_hypert5_trains_over_frozen_downstream_and_evaluates(hyper_run):
   assert len(out["losses"]) == 3 and np.all(np.isfinite(out["losses"]))
   acc = out["eval"][task]["accuracy"]
   assert 0.0 <= acc <= 100.0
+  # quickstart.gin decodes classification tasks too (Evaluator.generate_classification).
+  assert 0.0 <= out["eval"][task]["exact_match"] <= 100.0
   with open(os.path.join(h, "eval", "results_step3.json")) as f:
     assert json.load(f)["average"]["accuracy"] == acc
 

@@ -9,9 +9,11 @@ that a zero-shot model can only guess (it still learns the family's format and l
 Families: string transformations that copy the input with one change (first_n, double,
 append, remove_letter, uppercase) and their compositions; classification by a hidden rule
 (first letter, contains, length parity, longer than) with label words drawn per task from a
-pool of 784 consonant-vowel-consonant words (196 more are held out); token mappings
-(`letter_word`: one letter -> its word, in-context learning's simplest form). Strings are 3-5 letters (targets <= 12
-bytes) so that a tiny byte-level T5 trains on CPU in minutes.
+small pool of 48 consonant-vowel-consonant words (16 more are held out), so every word serves
+many tasks in both roles; token mappings (`letter_word`: one letter -> its word, in-context
+learning's simplest form). Strings are 3-5 letters (targets <= 12 bytes) so that a tiny
+byte-level T5 trains on CPU in minutes. Classification tasks are many and small (480 of
+20 instances): too many to memorise, so what pays is reading the demonstrations.
 
 Split (fixed for a seed; held-out never appears in training - tested):
 
@@ -40,20 +42,23 @@ from typing import Callable, Dict, List, Optional, Tuple
 from hypertune.data import fewshot
 
 # 2: first_letter / last_letter lookup rules; 3: copy-with-change transforms, token mappings,
-# generated label words, many small held-out tasks.
-SUITE_VERSION = 3
+# generated label words, many small held-out tasks; 4: a small label-word pool (48 + 16).
+SUITE_VERSION = 4
 LETTERS = string.ascii_lowercase
 VOWELS = set("aeiou")
 
 
-def _label_word_pools(seed: int = 1234) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-  """(training, held-out) label words: consonant-vowel-consonant strings ("kov", "ruz"),
-  a fixed shuffle split 4:1. Tasks draw a fresh pair each, so a model cannot memorise which
-  word means what; it has to read the pairing off the demonstrations."""
+def _label_word_pools(seed: int = 1234, num_train: int = 48,
+                      num_heldout: int = 16) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+  """(training, held-out) label words: consonant-vowel-consonant strings ("kov", "ruz").
+
+  Tasks draw a fresh pair each from a small pool, so every word serves in many tasks, in
+  both roles: a model cannot memorise which word means what (it has to read the pairing off
+  the demonstrations), but it can learn the words themselves.
+  """
   words = [a + v + b for a in "bdfgklmnprstvz" for v in "aeiou" for b in "bdfgklmnprstvz"]
   random.Random(seed).shuffle(words)
-  cut = len(words) * 4 // 5
-  return tuple(words[:cut]), tuple(words[cut:])
+  return tuple(words[:num_train]), tuple(words[num_train:num_train + num_heldout])
 
 
 TRAIN_LABEL_WORDS, HELDOUT_LABEL_WORDS = _label_word_pools()
@@ -195,7 +200,7 @@ HELDOUT_RULES = (
 
 @dataclasses.dataclass(frozen=True)
 class SuiteConfig:
-  """Sizes of the generated suite (defaults: 220 training tasks, 92 held-out).
+  """Sizes of the generated suite (defaults: 540 training tasks, 57 held-out).
 
   Many tasks per family (each with its own hidden parameters and label words) so that
   what is learned is reading demonstrations, not the tasks themselves.
@@ -205,18 +210,21 @@ class SuiteConfig:
   tasks_per_composition: int = 2
   num_train_compositions: int = 10
   num_heldout_compositions: int = 6
-  tasks_per_rule: int = 20
+  tasks_per_rule: int = 60
   # Many small held-out tasks: a task's two label words make its accuracy 0/50/100-ish for a
   # model that ignores the demonstrations, so few tasks would be a noisy average.
-  heldout_tasks_per_family: int = 6
-  heldout_label_word_tasks_per_rule: int = 10
-  train_instances: int = 40
+  heldout_tasks_per_family: int = 5
+  heldout_label_word_tasks_per_rule: int = 4
+  train_instances: int = 20
   heldout_instances: int = 16
   # Extra instances per held-out task, after the evaluated ones: the pool from which
   # the fixed evaluation demonstrations are drawn (never evaluated).
   heldout_demo_pool: int = 16
   min_len: int = 3
   max_len: int = 5
+  # Every n-th training task is listed as "train_sample": seen tasks evaluated on new queries
+  # (their validation split) without decoding all of them.
+  train_sample_every: int = 20
 
 
 def _random_input(rng, alphabet, cfg):
@@ -367,9 +375,6 @@ def generate_suite(seed: int = 0, config: SuiteConfig = SuiteConfig()) -> Dict[s
 
 
 HELDOUT_SUBSETS = ("heldout_families", "heldout_compositions", "heldout_label_words")
-# Every TRAIN_SAMPLE_EVERY-th training task, listed as "train_sample" to evaluate seen tasks on
-# new queries (their validation split) without decoding all of them.
-TRAIN_SAMPLE_EVERY = 10
 
 
 def default_cache_dir(seed: int) -> str:
@@ -403,7 +408,7 @@ def write_suite(out_dir: Optional[str] = None, seed: int = 0,
   sp = suite["splits"]
   lists = {"train": sp["train"], "test": [n for s in HELDOUT_SUBSETS for n in sp[s]]}
   lists.update({s: sp[s] for s in HELDOUT_SUBSETS})
-  lists["train_sample"] = sp["train"][::TRAIN_SAMPLE_EVERY]
+  lists["train_sample"] = sp["train"][::config.train_sample_every]
   for split, names in lists.items():
     with open(os.path.join(tmp, "splits", f"{split}_tasks.txt"), "w", encoding="utf-8") as f:
       f.write("\n".join(names) + "\n")
