@@ -163,6 +163,8 @@ def evaluate_checkpoint(model: HyperModel, params, step: int, model_dir: str,
   del mixture_or_task_name  # the training mixture; evaluation has its own
   evaluator = Evaluator(model, task_feature_lengths, batch_size, num_beams=num_beams)
   results = evaluator.evaluate(params, common.mixture_tasks(eval_mixture_or_task_name), split)
+  if jax.process_index() != 0:  # every process evaluates alike (multi-host); one writes
+    return results
   logging.info("eval of step %d: average %s -> %s", step, results.get("average"),
                write_results(model_dir, step, results,
                              name=f"{eval_mixture_or_task_name}_{split}"))

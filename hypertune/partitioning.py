@@ -380,6 +380,21 @@ def shard_batch(batch_np: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(put, batch_np)
 
 
+def to_host(tree: Any) -> Any:
+    """numpy copies of a pytree of (possibly sharded) arrays, the same on every process.
+
+    ``jax.device_get`` only reads arrays whose shards all live on this process; parameters
+    sharded across hosts are gathered first (a collective: every process must call this).
+    """
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree_util.tree_map(get, tree)
+
+
 # --------------------------------------------------------------------------------------
 # Multi-host
 # --------------------------------------------------------------------------------------

@@ -134,10 +134,13 @@ def train(
   for setup in setup_tasks:
     setup()
   from tasks import common  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.join(model_dir, "eval"), exist_ok=True)
-  config_path = "eval/config_restored.gin" if restore_only else "config.gin"
-  with open(os.path.join(model_dir, config_path), "w") as f:
-    f.write(gin.config_str())
+  # In a multi-process job every process runs this loop alike; process 0 writes the files.
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    os.makedirs(os.path.join(model_dir, "eval"), exist_ok=True)
+    config_path = "eval/config_restored.gin" if restore_only else "config.gin"
+    with open(os.path.join(model_dir, config_path), "w") as f:
+      f.write(gin.config_str())
   train_steps = train_steps_override or train_steps
   mesh = partitioning.make_mesh()
   rules = partitioning.standard_logical_axis_rules()
@@ -150,7 +153,7 @@ def train(
                                          trainable_patterns, frozen_patterns)
 
   # Parameters: fresh init, then the initial checkpoint, then this run's own checkpoint.
-  params = jax.device_get(trainer.init_params(jax.random.key(seed)))
+  params = partitioning.to_host(trainer.init_params(jax.random.key(seed)))
   sources = None
   if initial_checkpoint_path:
     params, report = load_initial_params(initial_checkpoint_path, params, model, assignment_map)
@@ -191,7 +194,7 @@ def train(
 
   if restore_only:
     ckpt.close()
-    return restored_fn(model=model, params=jax.device_get(state.params), step=start_step,
+    return restored_fn(model=model, params=partitioning.to_host(state.params), step=start_step,
                        model_dir=model_dir, task_feature_lengths=task_feature_lengths,
                        mixture_or_task_name=mixture_or_task_name)
 
@@ -226,10 +229,11 @@ def train(
                  learning_rate=optimizers.learning_rate_from_state(state.opt_state))
       save(force=step == end)
       if evaluator and (step % eval_period == 0 or step == end):
-        results = evaluator.evaluate(jax.device_get(state.params), eval_tasks, eval_split)
+        results = evaluator.evaluate(partitioning.to_host(state.params), eval_tasks, eval_split)
         log.write_eval(step, {f"{t}/{m}": v for t, r in results.items() for m, v in r.items()})
-        logging.info("eval step %d: average %s -> %s", step, results.get("average"),
-                     write_results(model_dir, step, results))
+        if is_writer:
+          logging.info("eval step %d: average %s -> %s", step, results.get("average"),
+                       write_results(model_dir, step, results))
   finally:
     ckpt.wait_until_finished()
     sigterm.uninstall()

@@ -156,6 +156,7 @@ def test_symbol_eval_results_average_over_seeds_per_source(tmp_path):
     return {"accuracy": 10.0 * seed if "symsrc.a" in name else 50.0}
 
   ev = object.__new__(evaluation.Evaluator)  # no model: scoring is faked
+  ev.generate_classification = False
   ev.rank_classification = fake_rank_classification
   results = ev.evaluate(None, tasks, "test")
   n = symbol_tuning.NUM_EVAL_SEEDS

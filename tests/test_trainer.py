@@ -198,7 +198,9 @@ def test_host_train_batches_give_each_process_a_disjoint_shard(monkeypatch):
     trainer.host_train_batches(name, 5, lengths, data_seed=0)
 
 
-def test_two_processes_assemble_global_batches_from_their_shards(tmp_path):
+def _run_two_processes(script, *args):
+  """Runs tests/<script> as a 2-process jax.distributed CPU job (2 devices each); returns
+  each process's last stdout line, parsed as JSON."""
   import socket
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with socket.socket() as s:
@@ -210,18 +212,38 @@ def test_two_processes_assemble_global_batches_from_their_shards(tmp_path):
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs.append(subprocess.Popen(
-        [sys.executable, os.path.join(repo, "tests", "multihost_data_check.py")], env=env,
+        [sys.executable, os.path.join(repo, "tests", script), *args], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   results = []
   for p in procs:
     try:
-      stdout, stderr = p.communicate(timeout=300)
+      stdout, stderr = p.communicate(timeout=400)
     finally:
       for q in procs:
         if q.poll() is None:
           q.kill()
     assert p.returncode == 0, stderr[-3000:]
     results.append(json.loads(stdout.strip().splitlines()[-1]))
+  return results
+
+
+def test_two_processes_train_evaluate_and_one_writes_the_files(tmp_path):
+  """Training and evaluation on a (2, 2) mesh over two processes: both agree, process 0
+  writes the run files, and arrays split across processes are gathered (`to_host`)."""
+  results = _run_two_processes("multihost_train_check.py", str(tmp_path))
+  assert [r["process_index"] for r in results] == [0, 1]
+  assert results[0]["losses"] == results[1]["losses"] and len(results[0]["losses"]) == 3
+  assert np.all(np.isfinite(results[0]["losses"]))
+  assert results[0]["eval"] == results[1]["eval"]
+  task = results[0]["task"]
+  with open(tmp_path / "eval" / "results_step3.json") as f:
+    assert json.load(f)[task] == results[0]["eval"][task]
+  assert (tmp_path / "config.gin").exists()
+  assert results[0]["gathered"] == results[1]["gathered"] == list(range(8))
+
+
+def test_two_processes_assemble_global_batches_from_their_shards():
+  results = _run_two_processes("multihost_data_check.py")
   assert [r["process_index"] for r in results] == [0, 1]
   assert all(r["process_count"] == 2 and r["mesh_data"] == 4 for r in results)
   import seqio
