@@ -214,14 +214,16 @@ def _run_two_processes(script, *args):
     procs.append(subprocess.Popen(
         [sys.executable, os.path.join(repo, "tests", script), *args], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  try:
+    # Both processes are waited for before any is judged: the second may still be finishing
+    # when the first exits, and killing it then would fail a run that succeeded.
+    outputs = [p.communicate(timeout=400) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   results = []
-  for p in procs:
-    try:
-      stdout, stderr = p.communicate(timeout=400)
-    finally:
-      for q in procs:
-        if q.poll() is None:
-          q.kill()
+  for p, (stdout, stderr) in zip(procs, outputs):
     assert p.returncode == 0, stderr[-3000:]
     results.append(json.loads(stdout.strip().splitlines()[-1]))
   return results
