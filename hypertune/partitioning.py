@@ -24,6 +24,8 @@ every activation constraint inside the model is silently dropped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import math
 import os
@@ -47,6 +49,8 @@ __all__ = [
     "tree_shardings",
     "opt_state_shardings",
     "batch_sharding",
+    "DataLayout",
+    "data_layout",
     "shard_batch",
     "maybe_initialize_distributed",
 ]
@@ -343,14 +347,62 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+@dataclasses.dataclass(frozen=True)
+class DataLayout:
+    """Which rows of each global batch this process loads (t5x's data layout).
+
+    Processes whose devices sit at the same positions of the mesh's 'data' axis need the
+    same rows: they form one data shard and load them alike.  The global batch is the
+    concatenation of the ``num_shards`` shards' rows in shard order.
+    """
+
+    shard_id: int
+    num_shards: int
+
+
+def data_layout(mesh: Mesh) -> DataLayout:
+    """This process's ``DataLayout`` on ``mesh`` (one shard on one process).
+
+    E.g. 2 processes x 2 devices: a (2, 2) mesh gives each process its own shard (2 shards);
+    ``num_partitions=4``, a (1, 4) mesh, puts both in one shard (they load the same rows).
+    """
+    process_grid = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+    return _data_layout(process_grid, mesh.axis_names.index(DATA_AXIS), jax.process_index())
+
+
+@functools.lru_cache(maxsize=None)
+def _num_shards(mesh: Mesh) -> int:  # cached: shard_batch runs every step
+    return data_layout(mesh).num_shards
+
+
+def _data_layout(process_grid: np.ndarray, data_axis: int, process_index: int) -> DataLayout:
+    """``DataLayout`` from the mesh's grid of process indices (``[data, model]`` for ours)."""
+    positions = {}  # process -> the 'data' positions its devices occupy
+    for index, proc in np.ndenumerate(process_grid):
+        positions.setdefault(int(proc), set()).add(index[data_axis])
+    shards = sorted({tuple(sorted(p)) for p in positions.values()})
+    for shard in shards:
+        # make_array_from_process_local_data places a process's rows as one block.
+        if list(shard) != list(range(shard[0], shard[-1] + 1)) or len(shard) != len(shards[0]):
+            raise ValueError(
+                "each process's devices must cover one contiguous block of the mesh's 'data' "
+                f"axis, the same size for every process; got 'data' positions per process "
+                f"{ {k: sorted(v) for k, v in sorted(positions.items())} }")
+    if len({i for s in shards for i in s}) != sum(len(s) for s in shards):
+        raise ValueError("processes share part of a 'data' block without sharing all of it: "
+                         f"{ {k: sorted(v) for k, v in sorted(positions.items())} }")
+    return DataLayout(shard_id=shards.index(tuple(sorted(positions[process_index]))),
+                      num_shards=len(shards))
+
+
 def shard_batch(batch_np: Any, mesh: Mesh) -> Any:
     """Turns this process's numpy batch into global ``jax.Array``s sharded over 'data'.
 
     Args:
       batch_np: pytree of numpy arrays ``[local_batch, ...]`` -- the rows this process
-        loaded.  On one host that is the whole global batch; on ``P`` hosts the global
-        batch is the concatenation of every host's rows in process order
-        (``global_batch = P * local_batch``).
+        loaded: those of its data shard (``data_layout``).  On one host that is the whole
+        global batch; with ``S`` shards the global batch is the concatenation of the
+        shards' rows in shard order (``global_batch = S * local_batch``).
 
     Returns:
       Same-structure tree of ``jax.Array`` with ``batch_sharding(mesh)``.
@@ -361,17 +413,17 @@ def shard_batch(batch_np: Any, mesh: Mesh) -> Any:
     """
     sharding = batch_sharding(mesh)
     data_size = mesh.shape[DATA_AXIS]
-    num_proc = jax.process_count()
+    num_shards = _num_shards(mesh)
 
     def put(path, x):
         x = np.asarray(x)
         if x.ndim == 0:
             raise ValueError(f"batch feature {jax.tree_util.keystr(path)} is a scalar; it needs a batch dimension")
-        global_rows = x.shape[0] * num_proc
+        global_rows = x.shape[0] * num_shards
         if global_rows % data_size:
             raise ValueError(
                 f"batch feature {jax.tree_util.keystr(path)} has global batch size {global_rows} "
-                f"(local {x.shape[0]} x {num_proc} processes), not divisible by the 'data' mesh axis "
+                f"(local {x.shape[0]} x {num_shards} data shards), not divisible by the 'data' mesh axis "
                 f"of size {data_size}"
             )
         global_shape = (global_rows,) + x.shape[1:]

@@ -69,23 +69,25 @@ def load_initial_params(path: str, params: dict, model: HyperModel,
 
 def host_train_batches(mixture_or_task_name: str, batch_size: int,
                        task_feature_lengths: Mapping[str, int], data_seed: int,
-                       start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+                       mesh: jax.sharding.Mesh, start_step: int = 0
+                       ) -> Iterator[Dict[str, np.ndarray]]:
   """This process's rows of each global training batch, from batch `start_step` on.
 
-  Each of the P processes reads its own disjoint shard of the examples (seqio
-  `ShardInfo(jax.process_index(), P)`) in batches of `[batch_size // P, ...]`;
-  `PartitionedTrainer.shard_batch` assembles the global `[batch_size, ...]` arrays. With
-  one process this is the unsharded stream. Every shard is seeded and deterministic, so
+  The processes form `S` data shards on `mesh` (`partitioning.data_layout`: processes
+  holding the same 'data' positions need the same rows). Each shard reads its own disjoint
+  part of the examples (seqio `ShardInfo(shard_id, S)`) in batches of `[batch_size // S,
+  ...]`; `PartitionedTrainer.shard_batch` assembles the global `[batch_size, ...]` arrays.
+  With one shard this is the unsharded stream. Every shard is seeded and deterministic, so
   skipping the consumed batches resumes in the same order.
   """
   from tasks import common  # pylint: disable=g-import-not-at-top
-  num_processes = jax.process_count()
-  if batch_size % num_processes:
-    raise ValueError(f"batch_size={batch_size} is not divisible by the {num_processes} "
-                     "processes (each reads batch_size // processes rows)")
-  shard_info = (seqio.ShardInfo(index=jax.process_index(), num_shards=num_processes)
-                if num_processes > 1 else None)
-  return common.get_batches(mixture_or_task_name, "train", batch_size // num_processes,
+  layout = partitioning.data_layout(mesh)
+  if batch_size % layout.num_shards:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the {layout.num_shards} data "
+                     "shards of the mesh (each reads batch_size // shards rows)")
+  shard_info = (seqio.ShardInfo(index=layout.shard_id, num_shards=layout.num_shards)
+                if layout.num_shards > 1 else None)
+  return common.get_batches(mixture_or_task_name, "train", batch_size // layout.num_shards,
                             task_feature_lengths, seed=data_seed,
                             shard_info=shard_info).skip(start_step).as_numpy_iterator()
 
@@ -209,7 +211,7 @@ def train(
   # The same data order on resume: a seeded, deterministic stream with the consumed batches
   # skipped.
   batches = host_train_batches(mixture_or_task_name, batch_size, task_feature_lengths,
-                               data_seed, start_step)
+                               data_seed, trainer.mesh, start_step)
   log = progress.ProgressLogger(model_dir, total_steps=train_steps, start_step=start_step,
                                 log_every_steps=log_every_steps)
   rng = jax.random.key(seed + 1)

@@ -38,20 +38,25 @@ def main():
                           eval_pool=[e.demonstration() for e in train])
   common.register_three_input_task("multihost.toy", task, fewshot.HyperConfig(k=1),
                                    seqio.ByteVocabulary())
-  batches = trainer.host_train_batches("multihost.toy", GLOBAL_BATCH, LENGTHS, data_seed=0)
-  mesh = partitioning.make_mesh()
-  out = []
-  for _ in range(6):
-    local = next(batches)["encoder_input_tokens"]
-    g = partitioning.shard_batch({"encoder_input_tokens": local}, mesh)["encoder_input_tokens"]
-    out.append({
-        "local": local.tolist(),
-        "global_shape": list(g.shape),
-        "global": np.asarray(multihost_utils.process_allgather(g, tiled=True)).tolist(),
-        "global_sum": int(jax.jit(jnp.sum)(g)),  # a computation over every process's rows
-    })
+  out = {}
+  # num_partitions=1: a (4, 1) mesh, each process its own data shard; num_partitions=4: a
+  # (1, 4) mesh, both processes in one shard, loading the same rows.
+  for num_partitions in (1, 4):
+    mesh = partitioning.make_mesh(num_partitions=num_partitions)
+    batches = trainer.host_train_batches("multihost.toy", GLOBAL_BATCH, LENGTHS, data_seed=0,
+                                         mesh=mesh)
+    out[num_partitions] = {"mesh_data": mesh.shape["data"], "batches": []}
+    for _ in range(6):
+      local = next(batches)["encoder_input_tokens"]
+      g = partitioning.shard_batch({"encoder_input_tokens": local}, mesh)["encoder_input_tokens"]
+      out[num_partitions]["batches"].append({
+          "local": local.tolist(),
+          "global_shape": list(g.shape),
+          "global": np.asarray(multihost_utils.process_allgather(g, tiled=True)).tolist(),
+          "global_sum": int(jax.jit(jnp.sum)(g)),  # a computation over every process's rows
+      })
   print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
-                    "mesh_data": mesh.shape["data"], "batches": out}))
+                    "meshes": out}))
 
 
 if __name__ == "__main__":

@@ -167,12 +167,13 @@ def _inputs(batches, n):
 
 
 def test_host_train_batches_one_process_is_the_unsharded_stream():
-  from hypertune import trainer
+  from hypertune import partitioning, trainer
   from tasks import common
   name, lengths = _register_sharding_mixture()
   expected = list(common.get_batches(name, "train", 4, lengths, seed=3).take(5)
                   .as_numpy_iterator())
-  got = trainer.host_train_batches(name, 4, lengths, data_seed=3, start_step=2)
+  got = trainer.host_train_batches(name, 4, lengths, data_seed=3,
+                                   mesh=partitioning.make_mesh(), start_step=2)
   for want in expected[2:]:
     b = next(got)
     assert sorted(b) == sorted(want)
@@ -180,22 +181,40 @@ def test_host_train_batches_one_process_is_the_unsharded_stream():
       np.testing.assert_array_equal(b[k], want[k])
 
 
-def test_host_train_batches_give_each_process_a_disjoint_shard(monkeypatch):
-  import jax
-  from hypertune import trainer
+def test_host_train_batches_give_each_data_shard_a_disjoint_part(monkeypatch):
+  from hypertune import partitioning, trainer
   name, lengths = _register_sharding_mixture()
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  mesh = partitioning.make_mesh()
   seen = []
   for index in (0, 1):
-    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-    batches = trainer.host_train_batches(name, 4, lengths, data_seed=0)
-    assert next(batches)["encoder_input_tokens"].shape == (2, 8)  # batch_size // processes
+    monkeypatch.setattr(partitioning, "data_layout",
+                        lambda _, index=index: partitioning.DataLayout(index, 2))
+    batches = trainer.host_train_batches(name, 4, lengths, data_seed=0, mesh=mesh)
+    assert next(batches)["encoder_input_tokens"].shape == (2, 8)  # batch_size // shards
     seen.append(set(_inputs(batches, 40)))
-  # Every process reads every other example of each task: disjoint, together all of them.
+  # Every shard reads every other example of each task: disjoint, together all of them.
   assert seen[0] == {f"{t}{i}" for t in "pq" for i in range(0, 8, 2)}
   assert seen[1] == {f"{t}{i}" for t in "pq" for i in range(1, 8, 2)}
-  with pytest.raises(ValueError, match="batch_size=5 is not divisible by the 2 processes"):
-    trainer.host_train_batches(name, 5, lengths, data_seed=0)
+  with pytest.raises(ValueError, match="batch_size=5 is not divisible by the 2 data shards"):
+    trainer.host_train_batches(name, 5, lengths, data_seed=0, mesh=mesh)
+
+
+def test_data_layout_groups_processes_by_their_data_positions():
+  from hypertune import partitioning
+  layout = partitioning._data_layout  # pylint: disable=protected-access
+  # [data, model] grids of process indices, as make_mesh lays them out.
+  two_by_two = np.array([[0, 0], [1, 1]])  # 2 processes x 2 devices, num_partitions=2
+  assert [layout(two_by_two, 0, p) for p in (0, 1)] == [
+      partitioning.DataLayout(0, 2), partitioning.DataLayout(1, 2)]
+  one_by_four = np.array([[0, 0, 1, 1]])  # num_partitions=4: both need the same rows
+  assert [layout(one_by_four, 0, p) for p in (0, 1)] == [partitioning.DataLayout(0, 1)] * 2
+  # 4 processes x 2 devices, num_partitions=4: processes 0, 1 form shard 0; 2, 3 shard 1.
+  pods = np.array([[0, 0, 1, 1], [2, 2, 3, 3]])
+  assert [layout(pods, 0, p).shard_id for p in range(4)] == [0, 0, 1, 1]
+  with pytest.raises(ValueError, match="contiguous block of the mesh's 'data' axis"):
+    layout(np.array([[0], [1], [0], [1]]), 0, 0)
+  with pytest.raises(ValueError, match="share part of a 'data' block"):
+    layout(np.array([[0, 0], [0, 1], [1, 1]]), 0, 0)
 
 
 def _run_two_processes(script, *args):
@@ -245,15 +264,19 @@ def test_two_processes_train_evaluate_and_one_writes_the_files(tmp_path):
 
 
 def test_two_processes_assemble_global_batches_from_their_shards():
+  """2 processes x 2 devices: on a (4, 1) mesh each process loads its own half of every
+  batch; on a (1, 4) mesh (num_partitions=4) both load the same, whole batch."""
   results = _run_two_processes("multihost_data_check.py")
   assert [r["process_index"] for r in results] == [0, 1]
-  assert all(r["process_count"] == 2 and r["mesh_data"] == 4 for r in results)
+  assert all(r["process_count"] == 2 for r in results)
   import seqio
   v = seqio.ByteVocabulary()
+  split = [r["meshes"]["1"] for r in results]
+  assert split[0]["mesh_data"] == 4
   seen = [set(), set()]
-  for b0, b1 in zip(results[0]["batches"], results[1]["batches"]):
-    assert len(b0["local"]) == len(b1["local"]) == 2  # global batch 4 over 2 processes
-    # The global array is every process's rows in process order, seen alike by both.
+  for b0, b1 in zip(split[0]["batches"], split[1]["batches"]):
+    assert len(b0["local"]) == len(b1["local"]) == 2  # global batch 4 over 2 data shards
+    # The global array is every shard's rows in shard order, seen alike by both.
     assert b0["global_shape"] == [4, 8] and b0["global"] == b1["global"] == b0["local"] + b1["local"]
     assert b0["global_sum"] == b1["global_sum"] == int(np.sum(b0["global"]))
     for i, b in enumerate((b0, b1)):
@@ -261,3 +284,12 @@ def test_two_processes_assemble_global_batches_from_their_shards():
   assert seen[0] and seen[1]
   assert seen[0] <= {f"tr{i}" for i in range(0, 12, 2)}
   assert seen[1] <= {f"tr{i}" for i in range(1, 12, 2)}
+  same = [r["meshes"]["4"] for r in results]
+  assert same[0]["mesh_data"] == 1
+  for b0, b1 in zip(same[0]["batches"], same[1]["batches"]):
+    assert len(b0["local"]) == 4 and b0["local"] == b1["local"]  # one shard: the same rows
+    assert b0["global_shape"] == [4, 8] and b0["global"] == b1["global"] == b0["local"]
+    assert b0["global_sum"] == b1["global_sum"] == int(np.sum(b0["global"]))
+  # The unsharded stream: both the even and the odd examples.
+  got = {v.decode([t for t in row if t > 1]) for b in same[0]["batches"] for row in b["local"]}
+  assert any(int(x[2:]) % 2 == 0 for x in got) and any(int(x[2:]) % 2 for x in got)
