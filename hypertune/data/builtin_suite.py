@@ -1,7 +1,7 @@
 """The built-in meta-learning suite: procedurally generated tasks in the S-NI schema.
 
 Each *task* is a family plus hidden parameters drawn per task, e.g. "append a fixed ending"
-with ending "q", or "the word that goes with each letter" with ("t" -> "vop", "o" -> "zak").
+with ending "q", or "the label that goes with each letter" with ("t" -> "K", "o" -> "7").
 The parameters and label words are only visible through the task's demonstrations, so a
 model that reads demonstrations (hypernetwork or in-context concatenation) can solve a task
 that a zero-shot model can only guess (it still learns the family's format and label space).
@@ -9,9 +9,9 @@ that a zero-shot model can only guess (it still learns the family's format and l
 Families: string transformations that copy the input with one change (first_n, double,
 append, remove_letter, uppercase) and their compositions; classification by a hidden rule
 (first letter, contains, length parity, longer than) with label words drawn per task from a
-small pool of 48 consonant-vowel-consonant words (16 more are held out), so every word serves
-many tasks in both roles; token mappings (`letter_word`: one letter -> its word, in-context
-learning's simplest form). Strings are 3-5 letters (targets <= 12 bytes) so that a tiny
+small pool of 28 one-character words, capitals and digits (8 more are held out), so every word
+serves many tasks in both roles; token mappings (`letter_word`: one letter -> its word,
+in-context learning's simplest form). Strings are 3-5 letters (targets <= 12 bytes) so that a tiny
 byte-level T5 trains on CPU in minutes. Classification tasks are many and small (480 of
 20 instances): too many to memorise, so what pays is reading the demonstrations.
 
@@ -42,21 +42,24 @@ from typing import Callable, Dict, List, Optional, Tuple
 from hypertune.data import fewshot
 
 # 2: first_letter / last_letter lookup rules; 3: copy-with-change transforms, token mappings,
-# generated label words, many small held-out tasks; 4: a small label-word pool (48 + 16).
-SUITE_VERSION = 4
+# generated label words, many small held-out tasks; 4: a small label-word pool (48 + 16);
+# 5: one-character label words (28 + 8), learned far faster by a byte-level model.
+SUITE_VERSION = 5
 LETTERS = string.ascii_lowercase
 VOWELS = set("aeiou")
 
 
-def _label_word_pools(seed: int = 1234, num_train: int = 48,
-                      num_heldout: int = 16) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-  """(training, held-out) label words: consonant-vowel-consonant strings ("kov", "ruz").
+def _label_word_pools(seed: int = 1234, num_train: int = 28,
+                      num_heldout: int = 8) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+  """(training, held-out) label words: single capitals and digits ("K", "7").
 
   Tasks draw a fresh pair each from a small pool, so every word serves in many tasks, in
   both roles: a model cannot memorise which word means what (it has to read the pairing off
-  the demonstrations), but it can learn the words themselves.
+  the demonstrations), but it can learn the words themselves. One byte each, so that
+  answering is a one-token lookup in the demonstrations (in-context learning's simplest
+  form) rather than copying a multi-byte word.
   """
-  words = [a + v + b for a in "bdfgklmnprstvz" for v in "aeiou" for b in "bdfgklmnprstvz"]
+  words = list(string.ascii_uppercase + string.digits)
   random.Random(seed).shuffle(words)
   return tuple(words[:num_train]), tuple(words[num_train:num_train + num_heldout])
 
