@@ -122,6 +122,25 @@ def test_write_reuses_cache_and_refuses_foreign_dir(tmp_path):
   assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_concurrent_writer_keeps_the_suite_another_process_wrote(tmp_path, monkeypatch):
+  """Two processes (test workers, hosts of one job) write the same suite at once: the
+  one that finishes second must not move the first one's directory away, which the first
+  may be reading already (this failed the 2-process training test on a cold cache)."""
+  d = str(tmp_path / "s")
+  generate = builtin_suite.generate_suite
+
+  def generate_while_another_process_writes(seed, config):
+    monkeypatch.setattr(builtin_suite, "generate_suite", generate)
+    builtin_suite.write_suite(d, seed=seed, config=config)  # the other process wins...
+    open(os.path.join(d, "being_read"), "w").close()  # ...and is reading its directory
+    return generate(seed, config)
+
+  monkeypatch.setattr(builtin_suite, "generate_suite", generate_while_another_process_writes)
+  assert builtin_suite.write_suite(d, seed=1, config=SMALL) == d
+  assert os.path.exists(os.path.join(d, "being_read")), "the other process's directory was replaced"
+  assert sorted(os.listdir(tmp_path)) == ["s"]  # no temporary directory left behind
+
+
 def test_registered_names(registered):
   _, mixtures = registered
   for prefix in ("builtin", "builtin_concat", "builtin_zeroshot"):

@@ -1,8 +1,10 @@
 """End-to-end training through gin on the built-in suite: resume, mesh, HyperT5, evaluation."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import gin
 import numpy as np
@@ -225,9 +227,13 @@ def _run_two_processes(script, *args):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
+  # A cold suite cache, so both processes write the built-in suite at once, as on a fresh
+  # machine (a race there once crashed one process).
+  cache = tempfile.mkdtemp(prefix="hypertune_cache_")
   procs = []
   for pid in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+    env = dict(os.environ, HYPERTUNE_CACHE=cache, JAX_PLATFORMS="cpu",
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs.append(subprocess.Popen(
@@ -241,17 +247,21 @@ def _run_two_processes(script, *args):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  results = []
-  for p, (stdout, stderr) in zip(procs, outputs):
-    assert p.returncode == 0, stderr[-3000:]
-    results.append(json.loads(stdout.strip().splitlines()[-1]))
-  return results
+    shutil.rmtree(cache, ignore_errors=True)
+  # Every failed process's error is shown: the cause is often in the one that failed first,
+  # while the other only reports waiting for it.
+  failed = [f"process {i} (exit {p.returncode}):\n{stderr[-3000:]}"
+            for i, (p, (_, stderr)) in enumerate(zip(procs, outputs)) if p.returncode != 0]
+  assert not failed, "\n\n".join(failed)
+  return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
 
 
-def test_two_processes_train_evaluate_and_one_writes_the_files(tmp_path):
-  """Training and evaluation on a (2, 2) mesh over two processes: both agree, process 0
-  writes the run files, and arrays split across processes are gathered (`to_host`)."""
-  results = _run_two_processes("multihost_train_check.py", str(tmp_path))
+@pytest.mark.parametrize("num_partitions", [2, 4])
+def test_two_processes_train_evaluate_and_one_writes_the_files(tmp_path, num_partitions):
+  """Training and evaluation on a (2, 2) or a (1, 4) mesh over two processes: both agree,
+  process 0 writes the run files, and arrays split across processes are gathered
+  (`to_host`)."""
+  results = _run_two_processes("multihost_train_check.py", str(tmp_path), str(num_partitions))
   assert [r["process_index"] for r in results] == [0, 1]
   assert results[0]["losses"] == results[1]["losses"] and len(results[0]["losses"]) == 3
   assert np.all(np.isfinite(results[0]["losses"]))

@@ -385,6 +385,14 @@ def default_cache_dir(seed: int) -> str:
   return os.path.join(base, f"builtin_suite_v{SUITE_VERSION}_seed{seed}")
 
 
+def _holds_manifest(out_dir: str, manifest: dict) -> bool:
+  mpath = os.path.join(out_dir, "MANIFEST.json")
+  if not os.path.exists(mpath):
+    return False
+  with open(mpath, encoding="utf-8") as f:
+    return json.load(f) == manifest
+
+
 def write_suite(out_dir: Optional[str] = None, seed: int = 0,
                 config: SuiteConfig = SuiteConfig()) -> str:
   """Writes the suite in S-NI layout under out_dir (default: a cache dir); returns it.
@@ -395,10 +403,8 @@ def write_suite(out_dir: Optional[str] = None, seed: int = 0,
   out_dir = out_dir or default_cache_dir(seed)
   manifest = {"version": SUITE_VERSION, "seed": seed, "config": dataclasses.asdict(config)}
   mpath = os.path.join(out_dir, "MANIFEST.json")
-  if os.path.exists(mpath):
-    with open(mpath, encoding="utf-8") as f:
-      if json.load(f) == manifest:
-        return out_dir
+  if _holds_manifest(out_dir, manifest):
+    return out_dir
   suite = generate_suite(seed, config)
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
@@ -422,6 +428,12 @@ def write_suite(out_dir: Optional[str] = None, seed: int = 0,
     shutil.rmtree(tmp, ignore_errors=True)
     raise FileExistsError(f"{out_dir} exists and is not a built-in suite directory "
                           "(no MANIFEST.json); refusing to overwrite it")
+  if _holds_manifest(out_dir, manifest):
+    # Another process wrote the same suite meanwhile; it may be reading it already, so it
+    # stays in place.
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
   if os.path.exists(out_dir):
     # A stale suite (other seed/config/version): replace it.
     import shutil  # pylint: disable=g-import-not-at-top
