@@ -17,6 +17,7 @@ import numpy as np
 import seqio
 
 from hypertune import metrics as metrics_lib
+from hypertune.data import eval_batches
 from hypertune.models import decoding
 from hypertune.models.hypermodel import HyperModel
 from hypertune.models.t5 import T5
@@ -69,43 +70,38 @@ class Evaluator:
     peft = self._peft(params, jnp.asarray(batch["hyper_encoder_input_tokens"][:1]))
     return peft.repeat(size)
 
-  def rank_classification(self, params, task_name: str, split: str) -> Dict[str, float]:
-    from hypertune.data import rank_classification  # pylint: disable=g-import-not-at-top
-    task = seqio.get_mixture_or_task(task_name)
-    scores, ids, choices, labels = [], [], [], []
-    peft = None
-    for batch in rank_classification.get_scoring_batches(
-        task, split, self.batch_size, self.lengths).as_numpy_iterator():
-      n = len(batch["example_id"])
-      padded = _pad_batch(batch, self.batch_size)
-      if peft is None:
-        peft = self.task_peft(params, padded, self.batch_size)
+  def _task_batches(self, params, task_names: Sequence[str], split: str, score_choices: bool):
+    """(task name, rows, padded batch, PEFT) for each run of one task's rows, all tasks
+    read through one pipeline; PEFT is generated once per task."""
+    tasks = [seqio.get_mixture_or_task(name) for name in task_names]
+    batches = eval_batches.get_eval_batches(tasks, split, self.batch_size, self.lengths,
+                                            score_choices=score_choices)
+    current, peft = None, None
+    for index, rows in eval_batches.split_by_task(batches.as_numpy_iterator()):
+      padded = _pad_batch(rows, self.batch_size)
+      if index != current:  # a task's rows are contiguous
+        current, peft = index, self.task_peft(params, padded, self.batch_size)
+      yield task_names[index], rows, padded, peft
+
+  def rank_classification(self, params, task_names: Sequence[str],
+                          split: str) -> Dict[str, Dict[str, float]]:
+    """{task: {"accuracy": %}}: the choice with the highest summed target log-likelihood."""
+    parts = {name: [] for name in task_names}  # (scores, example ids, choices, labels)
+    for name, rows, padded, peft in self._task_batches(params, task_names, split, True):
       s = self._score(params["downstream"], {k: jnp.asarray(v) for k, v in padded.items()
                                              if k.startswith(("encoder", "decoder"))}, peft)
-      scores.append(np.asarray(s)[:n])
-      ids.append(batch["example_id"])
-      choices.append(batch["choice_index"])
-      labels.append(batch["label"])
-    acc = metrics_lib.rank_classification_accuracy(
-        np.concatenate(scores), np.concatenate(ids), np.concatenate(choices),
-        np.concatenate(labels))
-    return {"accuracy": acc}
+      parts[name].append((np.asarray(s)[:len(rows["task_index"])], rows["example_id"],
+                          rows["choice_index"], rows["label"]))
+    return {name: {"accuracy": metrics_lib.rank_classification_accuracy(
+        *(np.concatenate(column) for column in zip(*p)))} for name, p in parts.items() if p}
 
-  def generation(self, params, task_name: str, split: str,
-                 references: Sequence[Sequence[str]]) -> Dict[str, float]:
-    """Decode every query of the task; `references` are its examples' reference lists."""
-    from tasks import common  # pylint: disable=g-import-not-at-top
-    task = seqio.get_mixture_or_task(task_name)
-    vocab = task.output_features["targets"].vocabulary
-    predictions = []
-    peft = None
-    ds = common.get_batches(task_name, split, self.batch_size, self.lengths, shuffle=False,
-                            num_epochs=1, drop_remainder=False)
-    for batch in ds.as_numpy_iterator():
-      n = len(batch["encoder_input_tokens"])
-      padded = _pad_batch(batch, self.batch_size)
-      if peft is None:
-        peft = self.task_peft(params, padded, self.batch_size)
+  def generation(self, params, task_names: Sequence[str], split: str,
+                 references: Mapping[str, Sequence[Sequence[str]]]) -> Dict[str, Dict]:
+    """{task: {"rougeL", "exact_match"}}: every query decoded; `references[task]` are the
+    task's examples' reference lists."""
+    predictions = {name: [] for name in task_names}
+    for name, rows, padded, peft in self._task_batches(params, task_names, split, False):
+      vocab = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
       enc = jnp.asarray(padded["encoder_input_tokens"])
       if self.num_beams > 1:
         tokens = decoding.beam_search(self.downstream, params["downstream"], enc, peft,
@@ -114,27 +110,31 @@ class Evaluator:
       else:
         tokens = decoding.greedy_decode(self.downstream, params["downstream"], enc, peft,
                                         max_decode_len=self.max_decode_len)
-      predictions += detokenize(vocab, np.asarray(tokens)[:n])
-    if len(predictions) != len(references):
-      raise RuntimeError(f"{task_name}: {len(predictions)} predictions for {len(references)} "
-                         "references")
-    return {"rougeL": metrics_lib.rouge_l(predictions, references),
-            "exact_match": metrics_lib.exact_match(predictions, references)}
+      predictions[name] += detokenize(vocab, np.asarray(tokens)[:len(rows["task_index"])])
+    for name in task_names:
+      if len(predictions[name]) != len(references[name]):
+        raise RuntimeError(f"{name}: {len(predictions[name])} predictions for "
+                           f"{len(references[name])} references")
+    return {name: {"rougeL": metrics_lib.rouge_l(predictions[name], references[name]),
+                   "exact_match": metrics_lib.exact_match(predictions[name], references[name])}
+            for name in task_names}
 
   def evaluate(self, params, task_names: Sequence[str], split: str) -> Dict[str, Dict]:
     """{task: {metric: value}, "symbol_avg.<src>": {metric: mean/std over its seeds},
     "average": {metric: mean over tasks, a source's seeds counting once}}."""
     from tasks import common  # pylint: disable=g-import-not-at-top
-    results = {}
+    examples = {name: common.get_examples(name, split) for name in task_names}
+    classification = [n for n in task_names if examples[n] and examples[n][0].get("answer_choices")]
+    generated = [n for n in task_names if n not in classification or self.generate_classification]
+    results = {name: {} for name in task_names}
+    if classification:
+      for name, r in self.rank_classification(params, classification, split).items():
+        results[name].update(r)
+    if generated:
+      references = {n: [ex["references"] for ex in examples[n]] for n in generated}
+      for name, r in self.generation(params, generated, split, references).items():
+        results[name].update(r)
     for name in task_names:
-      examples = common.get_examples(name, split)
-      results[name] = {}
-      classification = bool(examples and examples[0].get("answer_choices"))
-      if classification:
-        results[name].update(self.rank_classification(params, name, split))
-      if not classification or self.generate_classification:
-        results[name].update(self.generation(params, name, split,
-                                             [ex["references"] for ex in examples]))
       logging.info("eval %s: %s", name, results[name])
     return metrics_lib.aggregate_task_metrics(results)
 

@@ -9,7 +9,7 @@ the model sows into the `losses` collection. A method may keep state between ste
 `method_state` collection (e.g. HART's previous-step parameters for its consistency loss).
 """
 import functools
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
 
 import flax
 import flax.linen as nn

@@ -8,10 +8,8 @@ parameters, optimizer state, data position; frozen parameters are not re-saved: 
 from the initial checkpoint), `train/` and `eval/` TensorBoard summaries, and
 `eval/results_step*.json`.
 """
-import json
 import logging
 import os
-import time
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import gin

@@ -1,5 +1,4 @@
 """Shared fixtures: tiny configs, Hugging Face reference models, the shared data directory."""
-import os
 import pathlib
 
 import pytest

@@ -10,6 +10,7 @@ import seqio
 import tensorflow as tf
 from seqio import test_utils
 
+from hypertune.data import eval_batches
 from hypertune.data import feature_converters
 from hypertune.data import fewshot
 from hypertune.data import formatting
@@ -348,8 +349,8 @@ def test_expand_choices():
 
 def test_scoring_batches(toy_task_name):
   task = seqio.get_mixture_or_task(toy_task_name)
-  ds = rank_classification.get_scoring_batches(
-      task, "test", 4, {"hyper_inputs": 64, "inputs": 8, "targets": 4})
+  ds = eval_batches.get_eval_batches(
+      [task], "test", 4, {"hyper_inputs": 64, "inputs": 8, "targets": 4}, score_choices=True)
   batches = list(ds.as_numpy_iterator())
   ids = np.concatenate([b["example_id"] for b in batches])
   choice = np.concatenate([b["choice_index"] for b in batches])
@@ -364,3 +365,39 @@ def test_scoring_batches(toy_task_name):
   # An oracle scorer gets 100%.
   scores = (choice == labels).astype(float)
   assert metrics.rank_classification_accuracy(scores, ids, choice, labels) == 100.0
+
+
+def test_eval_batches_of_many_tasks_match_one_pipeline_per_task(toy_task_name):
+  """One pipeline over several tasks gives each task's rows exactly as its own pipeline
+  would, tagged with its position, and split_by_task never mixes two tasks' rows."""
+  common.register_three_input_task("test_core.toy_b", _toy_task(n_test=3, name="toy_b"),
+                                   fewshot.HyperConfig(k=1), seqio.ByteVocabulary())
+  tasks = [seqio.get_mixture_or_task(n) for n in (toy_task_name, "test_core.toy_b")]
+  lengths = {"hyper_inputs": 64, "inputs": 8, "targets": 4}
+
+  def runs(task_list, score_choices):
+    batches = eval_batches.get_eval_batches(task_list, "test", 4, lengths,
+                                            score_choices=score_choices)
+    return [(i, {k: v.tolist() for k, v in rows.items() if k != "task_index"})
+            for i, rows in eval_batches.split_by_task(batches.as_numpy_iterator())]
+
+  flat = lambda parts: {k: sum((p[k] for p in parts), []) for k in parts[0]}
+  for score_choices, rows_per_task in ((False, [5, 3]), (True, [10, 6])):
+    together = runs(tasks, score_choices)
+    # 5 + 3 rows in batches of 4: [0 0 0 0] [0 | 1 1 1]; 10 + 6: [4] [4] [2 | 2] [4]
+    assert [i for i, _ in together] == ([0, 0, 0, 1, 1] if score_choices else [0, 0, 1])
+    for index, task in enumerate(tasks):
+      mine = flat([rows for i, rows in together if i == index])
+      assert mine == flat([rows for _, rows in runs([task], score_choices)])
+      assert len(mine["encoder_input_tokens"]) == rows_per_task[index]
+  with pytest.raises(ValueError, match="no tasks"):
+    eval_batches.get_eval_batches([], "test", 4, lengths)
+  untrimmed = seqio.Task("test_core.untrimmed", tasks[0].source, tasks[0].output_features,
+                         preprocessors=[seqio.preprocessors.tokenize])
+  with pytest.raises(ValueError, match="test_core.untrimmed: unsupported preprocessors"):
+    eval_batches.get_eval_batches([tasks[0], untrimmed], "test", 4, lengths)
+  other_vocab = seqio.Task("test_core.other_vocab", tasks[0].source,
+                           common.output_features(seqio.ByteVocabulary(extra_ids=10)),
+                           preprocessors=tasks[0].preprocessors)
+  with pytest.raises(ValueError, match="other_vocab has other output features"):
+    eval_batches.get_eval_batches([tasks[0], other_vocab], "test", 4, lengths)

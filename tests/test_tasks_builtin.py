@@ -10,7 +10,7 @@ import seqio
 
 from hypertune.data import builtin_suite
 from hypertune import metrics
-from hypertune.data import rank_classification
+from hypertune.data import eval_batches
 from hypertune.data import sni
 from tasks import builtin
 from tasks import common
@@ -204,8 +204,9 @@ def test_rank_classification_on_heldout_label_words(registered):
   _, mixtures = registered
   name = mixtures["builtin_heldout_label_words"][0]
   task = seqio.get_mixture_or_task(name)
-  batches = list(rank_classification.get_scoring_batches(
-      task, "test", 16, builtin.SUGGESTED_TASK_FEATURE_LENGTHS).as_numpy_iterator())
+  batches = list(eval_batches.get_eval_batches(
+      [task], "test", 16, builtin.SUGGESTED_TASK_FEATURE_LENGTHS,
+      score_choices=True).as_numpy_iterator())
   ids = np.concatenate([b["example_id"] for b in batches])
   assert len(ids) == 2 * SMALL.heldout_instances
   choice = np.concatenate([b["choice_index"] for b in batches])

@@ -150,10 +150,11 @@ def test_symbol_eval_results_average_over_seeds_per_source(tmp_path):
                                                  range(1, symbol_tuning.NUM_EVAL_SEEDS)]
       for src in ("symsrc.a", "symsrc.b")}
 
-  def fake_rank_classification(params, name, split):
+  def fake_rank_classification(params, names, split):
     # Source a scores 10 * seed, source b 50 on every seed.
-    seed = 0 if name.startswith("symbol.") else int(name.split(".")[0][len("symbol_s"):])
-    return {"accuracy": 10.0 * seed if "symsrc.a" in name else 50.0}
+    seed = lambda name: 0 if name.startswith("symbol.") else int(name.split(".")[0][len("symbol_s"):])
+    return {name: {"accuracy": 10.0 * seed(name) if "symsrc.a" in name else 50.0}
+            for name in names}
 
   ev = object.__new__(evaluation.Evaluator)  # no model: scoring is faked
   ev.generate_classification = False

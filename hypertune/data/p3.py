@@ -299,7 +299,7 @@ def read_p3_tfrecords(path_pattern: str) -> List[fewshot.TaskExample]:
       "is_correct": tf.io.VarLenFeature(tf.int64),
   }
   out: List[fewshot.TaskExample] = []
-  pending = None
+  pending, choices_of_pending = None, ()
   for rec in tf.data.TFRecordDataset(files).as_numpy_iterator():
     try:
       ex = tf.io.parse_single_example(rec, spec)

@@ -8,19 +8,19 @@ with the same `hyper_inputs`/`inputs`, `targets` = the choice, and
     label         int32  gold index (copied)
     is_correct    bool   choice_index == label
 
-The evaluator scores each (summed target log-likelihood), then
+`hypertune.data.eval_batches.get_eval_batches(..., score_choices=True)` applies it before
+tokenization; the evaluator scores each row (summed target log-likelihood), then
 `hypertune.metrics.rank_classification_accuracy` takes the argmax per example_id.
 This mirrors seqio's `rank_classification` preprocessor, but keeps hyper_inputs.
 """
 
 from __future__ import annotations
 
-from typing import List, Mapping, Optional
+from typing import List, Mapping
 
-import seqio
 import tensorflow as tf
 
-_SHARED = ("hyper_inputs", "inputs", "task_name", "label", "example_id")
+_SHARED = ("hyper_inputs", "inputs", "task_name", "label", "example_id", "task_index")
 
 
 def expand_choices(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -50,50 +50,3 @@ def expand_example(ex: Mapping) -> List[dict]:
     d.update(targets=choice, choice_index=i, is_correct=(i == int(ex["label"])))
     out.append(d)
   return out
-
-
-def get_scoring_dataset(task: seqio.Task, split: str,
-                        sequence_length: Optional[Mapping[str, int]] = None) -> tf.data.Dataset:
-  """The task's `split` expanded for rank classification and tokenized.
-
-  Runs the task's source and preprocessors, inserting `expand_choices` right before
-  tokenization, so targets are the tokenized choices (EOS appended). Feed the result
-  to a feature converter with `shuffle=False` order preserved; features
-  `example_id`, `choice_index`, `label`, `is_correct` survive until conversion.
-  """
-  names = [getattr(p, "__name__", repr(p)) for p in task.preprocessors]
-  if names != ["tokenize", "append_eos_after_trim"]:
-    # Tasks registered by tasks.common have exactly these; others may have
-    # text preprocessors we would have to run before expansion.
-    raise ValueError(f"task {task.name}: unsupported preprocessors {names} for rank "
-                     "classification (expected tokenize, append_eos_after_trim)")
-  ds = task.source.get_dataset(split=split, shuffle=False)
-  ds = expand_choices(ds)
-  ds = seqio.preprocessors.tokenize(ds, output_features=task.output_features)
-  ds = seqio.preprocessors.append_eos_after_trim(
-      ds, output_features=task.output_features, sequence_length=sequence_length)
-  return ds
-
-
-def get_scoring_batches(
-    task: seqio.Task,
-    split: str,
-    batch_size: int,
-    task_feature_lengths: Optional[Mapping[str, int]] = None,
-    feature_converter: Optional[seqio.FeatureConverter] = None,
-) -> tf.data.Dataset:
-  """Batches of model features for rank classification, plus grouping features.
-
-  Each batch has the converter's model features (HyperEncDecFeatureConverter by
-  default) and `example_id`, `choice_index`, `label` [B] int32. The last batch is
-  not dropped. Order is deterministic.
-  """
-  from hypertune.data import feature_converters  # pylint: disable=g-import-not-at-top
-  lengths = dict(task_feature_lengths or feature_converters.DEFAULT_TASK_FEATURE_LENGTHS)
-  converter = feature_converter or feature_converters.HyperEncDecFeatureConverter()
-  ds = get_scoring_dataset(task, split, sequence_length=lengths)
-  ids = ds.map(lambda ex: {k: tf.cast(ex[k], tf.int32)
-                           for k in ("example_id", "choice_index", "label")})
-  model = converter(ds, lengths)
-  both = tf.data.Dataset.zip((model, ids)).map(lambda a, b: {**a, **b})
-  return both.batch(batch_size)

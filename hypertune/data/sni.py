@@ -25,7 +25,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 from hypertune.data import fewshot
 

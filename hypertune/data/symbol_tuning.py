@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import string
-from typing import Dict, Iterator, List, Sequence
+from typing import Iterator, List, Sequence
 
 from hypertune.data import fewshot
 

@@ -11,7 +11,6 @@ parameters. Both stacks can be initialised from the downstream T5 (`init_from_do
       -> heads                    PeftParams (prefixes [batch, layers, P, heads, head_dim]
                                               or LoRA on q, v of every attention kind)
 """
-import re
 from typing import Optional
 
 import flax.linen as nn
@@ -22,7 +21,6 @@ import numpy as np
 
 from hypertune.hypernets.heads import MLPHead, to_prefix
 from hypertune.models.config import T5Config
-from hypertune.models.layers import param_with_axes
 from hypertune.models.peft import LoRA, PeftParams, Prefix
 from hypertune.models.t5 import Decoder, Encoder
 
