@@ -53,7 +53,7 @@ def register_builtin_suite(
     k: int = 8,
     hyper_modes: Sequence[str] = ("hyper", "concat", "none"),
     num_validation: int = 16,
-    config: builtin_suite.SuiteConfig = builtin_suite.SuiteConfig(),
+    config: Optional[builtin_suite.SuiteConfig] = None,
     max_hyper_length: int = 256,
     max_inputs_length: int = 32,
     prefix: str = "builtin",
@@ -70,11 +70,12 @@ def register_builtin_suite(
       chosen once with `seed`, at evaluation).
     hyper_modes: which of "hyper", "concat", "none" to register.
     num_validation: instances per training task held out as split "validation".
-    config: sizes of the suite.
+    config: sizes of the suite (default: SuiteConfig(), as bound in gin).
     max_hyper_length / max_inputs_length: token budgets used to drop whole
       demonstrations that do not fit (match your task_feature_lengths).
     prefix: name prefix.
   """
+  config = config or builtin_suite.SuiteConfig()
   out_dir = builtin_suite.write_suite(data_dir, seed=seed, config=config)
   mixtures = sni_tasks.register_sni_layout(
       out_dir,

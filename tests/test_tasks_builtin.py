@@ -1,6 +1,7 @@
 """Tests of the built-in meta-learning suite (generator + seqio registry)."""
 
 import collections
+import dataclasses
 import json
 import os
 
@@ -139,6 +140,26 @@ def test_concurrent_writer_keeps_the_suite_another_process_wrote(tmp_path, monke
   assert builtin_suite.write_suite(d, seed=1, config=SMALL) == d
   assert os.path.exists(os.path.join(d, "being_read")), "the other process's directory was replaced"
   assert sorted(os.listdir(tmp_path)) == ["s"]  # no temporary directory left behind
+
+
+def test_suite_sizes_come_from_gin(tmp_path):
+  """`SuiteConfig.<size> = ...` in a gin file sizes the suite register_builtin_suite writes."""
+  import gin  # pylint: disable=g-import-not-at-top
+  sizes = {k: v for k, v in dataclasses.asdict(SMALL).items()}
+  sizes["tasks_per_rule"] = 1
+  gin.parse_config([f"hypertune.data.builtin_suite.SuiteConfig.{k} = {v}"
+                    for k, v in sizes.items()])
+  try:
+    d = str(tmp_path / "suite")
+    mixtures = builtin.register_builtin_suite(data_dir=d, hyper_modes=("none",),
+                                              num_validation=5, prefix="gin_sized")
+  finally:
+    gin.clear_config()
+  with open(os.path.join(d, "MANIFEST.json")) as f:
+    assert json.load(f)["config"] == sizes
+  # 5 transforms x 2 + 4 compositions x 1 + 8 rule-tasks (weights 3+2+1+1+1) x 1
+  assert len(mixtures["gin_sized_zeroshot_train"]) == 10 + 4 + 8
+  assert builtin_suite.SuiteConfig() == builtin_suite.SuiteConfig(tasks_per_rule=60)
 
 
 def test_registered_names(registered):

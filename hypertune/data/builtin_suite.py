@@ -39,6 +39,8 @@ import string
 import tempfile
 from typing import Callable, Dict, List, Optional, Tuple
 
+import gin
+
 from hypertune.data import fewshot
 
 # 2: first_letter / last_letter lookup rules; 3: copy-with-change transforms, token mappings,
@@ -201,9 +203,11 @@ HELDOUT_RULES = (
 )
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SuiteConfig:
-  """Sizes of the generated suite (defaults: 540 training tasks, 57 held-out).
+  """Sizes of the generated suite (defaults: 540 training tasks, 57 held-out); gin sets
+  them (`SuiteConfig.tasks_per_rule = 30`).
 
   Many tasks per family (each with its own hidden parameters and label words) so that
   what is learned is reading demonstrations, not the tasks themselves.
