@@ -22,16 +22,14 @@ _PREPROCESSORS = ["tokenize", "append_eos_after_trim"]
 
 def _check_shared_pipeline(tasks: Sequence[seqio.Task]) -> None:
   """Tasks evaluated together must tokenize alike (those of `tasks.common` do)."""
+  features = lambda task: {k: (type(f.vocabulary), f.vocabulary.vocab_size, f.add_eos)
+                           for k, f in task.output_features.items()}
   for task in tasks:
     names = [getattr(p, "__name__", repr(p)) for p in task.preprocessors]
     if names != _PREPROCESSORS:
       raise ValueError(f"task {task.name}: unsupported preprocessors {names} for evaluation "
                        f"batches (expected {_PREPROCESSORS}, as tasks.common registers)")
-    features = {k: (type(f.vocabulary), f.vocabulary.vocab_size, f.add_eos)
-                for k, f in task.output_features.items()}
-    first = {k: (type(f.vocabulary), f.vocabulary.vocab_size, f.add_eos)
-             for k, f in tasks[0].output_features.items()}
-    if features != first:
+    if features(task) != features(tasks[0]):
       raise ValueError(f"task {task.name} has other output features than {tasks[0].name}; "
                        "evaluate tasks with different vocabularies separately")
 
