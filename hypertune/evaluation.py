@@ -58,6 +58,7 @@ class Evaluator:
     self.max_decode_len = max_decode_len or self.lengths["targets"]
     self.num_beams = num_beams
     self.generate_classification = generate_classification
+    self.predictions: Dict[str, list] = {}  # of the last `evaluate`
     self._peft = jax.jit(lambda p, t: model.apply({"params": p}, t, method=HyperModel.generate_peft))
     self._score = jax.jit(lambda p, b, peft: decoding.token_log_likelihood(
         self.downstream, p, b["encoder_input_tokens"], b["decoder_input_tokens"],
@@ -97,8 +98,8 @@ class Evaluator:
 
   def generation(self, params, task_names: Sequence[str], split: str,
                  references: Mapping[str, Sequence[Sequence[str]]]) -> Dict[str, Dict]:
-    """{task: {"rougeL", "exact_match"}}: every query decoded; `references[task]` are the
-    task's examples' reference lists."""
+    """{task: {"rougeL", "exact_match", "predictions": [str]}}: every query decoded;
+    `references[task]` are the task's examples' reference lists."""
     predictions = {name: [] for name in task_names}
     for name, rows, padded, peft in self._task_batches(params, task_names, split, False):
       vocab = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
@@ -116,35 +117,53 @@ class Evaluator:
         raise RuntimeError(f"{name}: {len(predictions[name])} predictions for "
                            f"{len(references[name])} references")
     return {name: {"rougeL": metrics_lib.rouge_l(predictions[name], references[name]),
-                   "exact_match": metrics_lib.exact_match(predictions[name], references[name])}
+                   "exact_match": metrics_lib.exact_match(predictions[name], references[name]),
+                   "predictions": predictions[name]}
             for name in task_names}
 
   def evaluate(self, params, task_names: Sequence[str], split: str) -> Dict[str, Dict]:
     """{task: {metric: value}, "symbol_avg.<src>": {metric: mean/std over its seeds},
-    "average": {metric: mean over tasks, a source's seeds counting once}}."""
+    "average": {metric: mean over tasks, a source's seeds counting once}}.
+
+    The decoded outputs are kept in `self.predictions`: {task: [{"inputs", "prediction",
+    "references"}]}, one per query, for `write_results`.
+    """
     from tasks import common  # pylint: disable=g-import-not-at-top
     examples = {name: common.get_examples(name, split) for name in task_names}
     classification = [n for n in task_names if examples[n] and examples[n][0].get("answer_choices")]
     generated = [n for n in task_names if n not in classification or self.generate_classification]
     results = {name: {} for name in task_names}
+    self.predictions = {}
     if classification:
       for name, r in self.rank_classification(params, classification, split).items():
         results[name].update(r)
     if generated:
       references = {n: [ex["references"] for ex in examples[n]] for n in generated}
       for name, r in self.generation(params, generated, split, references).items():
+        predictions = r.pop("predictions", ())
+        self.predictions[name] = [
+            {"inputs": ex["inputs"], "prediction": p, "references": list(ex["references"])}
+            for ex, p in zip(examples[name], predictions)]
         results[name].update(r)
     for name in task_names:
       logging.info("eval %s: %s", name, results[name])
     return metrics_lib.aggregate_task_metrics(results)
 
 
-def write_results(model_dir: str, step: int, results: Mapping, name: str = "results") -> str:
-  """`MODEL_DIR/eval/<name>_step<step>.json`: "results" for evaluations during training."""
+def write_results(model_dir: str, step: int, results: Mapping, name: str = "results",
+                  predictions: Optional[Mapping[str, Sequence[Mapping]]] = None) -> str:
+  """`MODEL_DIR/eval/<name>_step<step>.json` ("results" for evaluations during training) and,
+  with `predictions` (`Evaluator.predictions`), `<name>_step<step>_predictions.jsonl`: one
+  line per decoded query, {"task", "inputs", "prediction", "references"}."""
   os.makedirs(os.path.join(model_dir, "eval"), exist_ok=True)
   path = os.path.join(model_dir, "eval", f"{name}_step{step}.json")
   with open(path, "w") as f:
     json.dump(results, f, indent=2, sort_keys=True)
+  if predictions:
+    with open(path[:-len(".json")] + "_predictions.jsonl", "w") as f:
+      for task, rows in predictions.items():
+        for row in rows:
+          f.write(json.dumps({"task": task, **row}) + "\n")
   return path
 
 
@@ -167,5 +186,6 @@ def evaluate_checkpoint(model: HyperModel, params, step: int, model_dir: str,
     return results
   logging.info("eval of step %d: average %s -> %s", step, results.get("average"),
                write_results(model_dir, step, results,
-                             name=f"{eval_mixture_or_task_name}_{split}"))
+                             name=f"{eval_mixture_or_task_name}_{split}",
+                             predictions=evaluator.predictions))
   return results

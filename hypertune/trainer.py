@@ -233,7 +233,8 @@ def train(
         log.write_eval(step, {f"{t}/{m}": v for t, r in results.items() for m, v in r.items()})
         if is_writer:
           logging.info("eval step %d: average %s -> %s", step, results.get("average"),
-                       write_results(model_dir, step, results))
+                       write_results(model_dir, step, results,
+                                     predictions=evaluator.predictions))
   finally:
     ckpt.wait_until_finished()
     sigterm.uninstall()

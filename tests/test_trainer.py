@@ -73,6 +73,15 @@ def test_hypert5_trains_over_frozen_downstream_and_evaluates(hyper_run):
   assert 0.0 <= out["eval"][task]["exact_match"] <= 100.0
   with open(os.path.join(h, "eval", "results_step3.json")) as f:
     assert json.load(f)["average"]["accuracy"] == acc
+  # Every decoded query is written beside the metrics, and they score as reported.
+  from hypertune import metrics  # pylint: disable=g-import-not-at-top
+  from tasks import common  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(h, "eval", "results_step3_predictions.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert {r["task"] for r in rows} == {task}
+  assert [r["inputs"] for r in rows] == [ex["inputs"] for ex in common.get_examples(task, "test")]
+  assert metrics.exact_match([r["prediction"] for r in rows],
+                             [r["references"] for r in rows]) == out["eval"][task]["exact_match"]
 
 
 def _binary(name, *flags):
