@@ -98,6 +98,9 @@ def test_eval_binary_reproduces_the_in_training_evaluation(hyper_run):
     assert json.load(f)[task] == out["eval"][task]
   with open(os.path.join(h, "eval", "results_step3.json")) as f:  # the training-time file
     assert json.load(f)[task] == out["eval"][task]
+  with open(os.path.join(h, "eval", f"{task}_test_step3_predictions.jsonl")) as f, \
+       open(os.path.join(h, "eval", "results_step3_predictions.jsonl")) as g:
+    assert f.read() == g.read()
 
 
 def test_infer_writes_peft_files_and_applies_them(hyper_run, tmp_path):
