@@ -101,8 +101,9 @@ class Evaluator:
     """{task: {"rougeL", "exact_match", "predictions": [str]}}: every query decoded;
     `references[task]` are the task's examples' reference lists."""
     predictions = {name: [] for name in task_names}
+    # Tasks evaluated together share their vocabulary (eval_batches checks it).
+    vocab = seqio.get_mixture_or_task(task_names[0]).output_features["targets"].vocabulary
     for name, rows, padded, peft in self._task_batches(params, task_names, split, False):
-      vocab = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
       enc = jnp.asarray(padded["encoder_input_tokens"])
       if self.num_beams > 1:
         tokens = decoding.beam_search(self.downstream, params["downstream"], enc, peft,
@@ -140,7 +141,7 @@ class Evaluator:
     if generated:
       references = {n: [ex["references"] for ex in examples[n]] for n in generated}
       for name, r in self.generation(params, generated, split, references).items():
-        predictions = r.pop("predictions", ())
+        predictions = r.pop("predictions")
         self.predictions[name] = [
             {"inputs": ex["inputs"], "prediction": p, "references": list(ex["references"])}
             for ex, p in zip(examples[name], predictions)]

@@ -6,7 +6,7 @@ they differ in gin (model, mixture, trainable patterns, initial checkpoint).
 The run directory MODEL_DIR holds `config.gin` (the operative config), `checkpoints/` (trainable
 parameters, optimizer state, data position; frozen parameters are not re-saved: they are rebuilt
 from the initial checkpoint), `train/` and `eval/` TensorBoard summaries, and
-`eval/results_step*.json`.
+`eval/results_step*.json` (with `_predictions.jsonl` beside each).
 """
 import logging
 import os

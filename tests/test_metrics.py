@@ -135,14 +135,14 @@ def test_evaluator_decodes_classification_tasks_only_when_asked(monkeypatch,
                                                                  generate_classification):
   from hypertune import evaluation
   from tasks import common
-  examples = {"cls": [{"answer_choices": ["a", "b"], "references": ["a"]}],
-              "gen": [{"references": ["xyz"]}]}
+  examples = {"cls": [{"inputs": "q", "answer_choices": ["a", "b"], "references": ["a"]}],
+              "gen": [{"inputs": "q", "references": ["xyz"]}]}
   monkeypatch.setattr(common, "get_examples", lambda name, split: examples[name])
   ev = object.__new__(evaluation.Evaluator)  # no model: scoring and decoding are faked
   ev.generate_classification = generate_classification
   ev.rank_classification = lambda params, names, split: {n: {"accuracy": 50.0} for n in names}
   ev.generation = lambda params, names, split, refs: {
-      n: {"exact_match": 100.0 * (refs[n] == [["a"]])} for n in names}
+      n: {"exact_match": 100.0 * (refs[n] == [["a"]]), "predictions": ["a"]} for n in names}
   results = ev.evaluate(None, ["cls", "gen"], "test")
   assert results["gen"] == {"exact_match": 0.0}
   assert results["cls"] == ({"accuracy": 50.0, "exact_match": 100.0} if generate_classification

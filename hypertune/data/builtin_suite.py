@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import string
 import tempfile
 from typing import Callable, Dict, List, Optional, Tuple
@@ -428,19 +429,16 @@ def write_suite(out_dir: Optional[str] = None, seed: int = 0,
   with open(os.path.join(tmp, "MANIFEST.json"), "w", encoding="utf-8") as f:
     json.dump(manifest, f)
   if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(mpath):
-    import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(tmp, ignore_errors=True)
     raise FileExistsError(f"{out_dir} exists and is not a built-in suite directory "
                           "(no MANIFEST.json); refusing to overwrite it")
   if _holds_manifest(out_dir, manifest):
     # Another process wrote the same suite meanwhile; it may be reading it already, so it
     # stays in place.
-    import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
   if os.path.exists(out_dir):
     # A stale suite (other seed/config/version): replace it.
-    import shutil  # pylint: disable=g-import-not-at-top
     old = tmp + ".old"
     try:
       os.replace(out_dir, old)
@@ -451,6 +449,5 @@ def write_suite(out_dir: Optional[str] = None, seed: int = 0,
     os.replace(tmp, out_dir)
   except OSError:
     # Another process won the race with the same content.
-    import shutil  # pylint: disable=g-import-not-at-top
     shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
