@@ -3,7 +3,8 @@ of a tiny model with an evaluation at the end, every process on the same MODEL_D
 
 Run by tests/test_trainer.py with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID set; argv[1] is MODEL_DIR, argv[2] num_partitions (2: a (2, 2) mesh, each
-process its own data shard; 4: a (1, 4) mesh, one data shard loaded by both). Prints one JSON object as its last stdout line.
+process its own data shard; 4: a (1, 4) mesh, one data shard loaded by both). Prints one
+JSON object as its last stdout line.
 """
 import json
 import os

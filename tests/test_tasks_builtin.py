@@ -145,7 +145,7 @@ def test_concurrent_writer_keeps_the_suite_another_process_wrote(tmp_path, monke
 def test_suite_sizes_come_from_gin(tmp_path):
   """`SuiteConfig.<size> = ...` in a gin file sizes the suite register_builtin_suite writes."""
   import gin  # pylint: disable=g-import-not-at-top
-  sizes = {k: v for k, v in dataclasses.asdict(SMALL).items()}
+  sizes = dataclasses.asdict(SMALL)  # a new dict
   sizes["tasks_per_rule"] = 1
   gin.parse_config([f"hypertune.data.builtin_suite.SuiteConfig.{k} = {v}"
                     for k, v in sizes.items()])
@@ -153,6 +153,9 @@ def test_suite_sizes_come_from_gin(tmp_path):
     d = str(tmp_path / "suite")
     mixtures = builtin.register_builtin_suite(data_dir=d, hyper_modes=("none",),
                                               num_validation=5, prefix="gin_sized")
+    # Called directly, the writer reads the same binding (not an import-time default): it
+    # finds its suite in place instead of replacing it with a default-sized one.
+    assert builtin_suite.write_suite(d) == d
   finally:
     gin.clear_config()
   with open(os.path.join(d, "MANIFEST.json")) as f:

@@ -299,11 +299,13 @@ def _sni_json(name, definition, instances, category, params, choices=None):
   return task
 
 
-def generate_suite(seed: int = 0, config: SuiteConfig = SuiteConfig()) -> Dict[str, Dict]:
+def generate_suite(seed: int = 0, config: Optional[SuiteConfig] = None) -> Dict[str, Dict]:
   """Returns {"tasks": {name: sni_json}, "splits": {split: [names]}}.
 
-  Deterministic for (seed, config, SUITE_VERSION).
+  Deterministic for (seed, config, SUITE_VERSION); config None = `SuiteConfig()` as bound
+  in gin (read at call time, not at import).
   """
+  config = config or SuiteConfig()
   tasks: Dict[str, dict] = {}
   splits: Dict[str, List[str]] = {
       "train": [], "heldout_families": [], "heldout_compositions": [], "heldout_label_words": []}
@@ -402,13 +404,14 @@ def _holds_manifest(out_dir: str, manifest: dict) -> bool:
 
 
 def write_suite(out_dir: Optional[str] = None, seed: int = 0,
-                config: SuiteConfig = SuiteConfig()) -> str:
+                config: Optional[SuiteConfig] = None) -> str:
   """Writes the suite in S-NI layout under out_dir (default: a cache dir); returns it.
 
   If out_dir already holds this exact suite (same manifest), it is reused. Writing is
   atomic (temp dir + rename) so concurrent test workers do not see partial files.
   """
   out_dir = out_dir or default_cache_dir(seed)
+  config = config or SuiteConfig()
   manifest = {"version": SUITE_VERSION, "seed": seed, "config": dataclasses.asdict(config)}
   mpath = os.path.join(out_dir, "MANIFEST.json")
   if _holds_manifest(out_dir, manifest):

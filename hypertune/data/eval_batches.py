@@ -15,6 +15,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from hypertune.data import feature_converters
 from hypertune.data import rank_classification
 
 _PREPROCESSORS = ["tokenize", "append_eos_after_trim"]
@@ -50,7 +51,6 @@ def get_eval_batches(
   also carry `example_id`, `choice_index`, `label` [B] int32. The last batch is not
   dropped; a batch may hold rows of two tasks (see `split_by_task`).
   """
-  from hypertune.data import feature_converters  # pylint: disable=g-import-not-at-top
   if not tasks:
     raise ValueError("get_eval_batches: no tasks")
   _check_shared_pipeline(tasks)
