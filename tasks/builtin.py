@@ -57,6 +57,8 @@ def register_builtin_suite(
     max_hyper_length: int = 256,
     max_inputs_length: int = 32,
     prefix: str = "builtin",
+    balanced_demos: bool = False,
+    relabel_train: bool = False,
 ) -> Dict[str, List[str]]:
   """Generates (or reuses) the suite and registers it; returns {mixture: tasks}.
 
@@ -74,6 +76,11 @@ def register_builtin_suite(
     max_hyper_length / max_inputs_length: token budgets used to drop whole
       demonstrations that do not fit (match your task_feature_lengths).
     prefix: name prefix.
+    balanced_demos: draw the demonstrations of classification tasks one class at a time
+      (with k=2: one per class); see `fewshot.HyperConfig.balanced`.
+    relabel_train: training examples of classification tasks (with demonstrations) draw
+      fresh label words from the training pool, so that a model cannot memorise the tasks
+      and has to read each word's pairing off the demonstrations.
   """
   config = config or builtin_suite.SuiteConfig()
   out_dir = builtin_suite.write_suite(data_dir, seed=seed, config=config)
@@ -93,6 +100,8 @@ def register_builtin_suite(
       max_hyper_length=max_hyper_length,
       max_inputs_length=max_inputs_length,
       list_aliases={"test": "heldout"},
+      balanced_demos=balanced_demos,
+      relabel_pool=builtin_suite.TRAIN_LABEL_WORDS if relabel_train else (),
   )
   # The downstream model of the quickstart trains on both formats, so one model serves as
   # the zero-shot baseline, the few-shot-concatenation baseline and HyperT5's frozen model.

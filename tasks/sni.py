@@ -51,8 +51,12 @@ def register_sni_layout(
     max_inputs_length: int = 384,
     english_only: bool = True,
     list_aliases: Optional[Mapping[str, str]] = None,
+    balanced_demos: bool = False,
+    relabel_pool: Sequence[str] = (),
 ) -> Dict[str, List[str]]:
   """Registers tasks + mixtures for an S-NI-layout directory; returns {mixture: tasks}.
+
+  balanced_demos / relabel_pool: see `fewshot.HyperConfig.balanced` / `.relabel_pool`.
 
   In "concat" mode the downstream budget is max_hyper_length + max_inputs_length
   (1024 + 384 = 1408, the T5-MTF-Few-shot length of HyperT5 appendix A).
@@ -85,7 +89,8 @@ def register_sni_layout(
           hyper_mode=mode, use_instruction=use_instruction, demos=demos, k=k, seed=seed,
           max_hyper_length=max_hyper_length,
           max_inputs_length=(max_inputs_length + max_hyper_length if mode == "concat"
-                             else max_inputs_length))
+                             else max_inputs_length),
+          balanced=balanced_demos, relabel_pool=tuple(relabel_pool))
       sizes = {}
       for t in train_tasks + test_tasks:
         name = f"{variant}.{common.safe_name(t.name)}"

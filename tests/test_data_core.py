@@ -103,6 +103,63 @@ def test_fixed_demonstrations_are_seeded_per_task():
   assert a != fewshot.fixed_demonstrations(pool, 8, 0, "task_b")
 
 
+def test_balanced_sampling_shows_every_class_before_repeating_one():
+  pool = [(f"x{i}", "AB"[i % 5 == 0]) for i in range(40)]  # 8 of class "B", 32 of "A"
+  for seed in range(100):
+    demos = fewshot.sample_demonstrations(pool, 2, random.Random(seed), exclude_index=seed % 40,
+                                          balanced=True)
+    assert sorted(y for _, y in demos) == ["A", "B"]
+    assert pool[seed % 40] not in demos
+    demos = fewshot.sample_demonstrations(pool, 5, random.Random(seed), balanced=True)
+    counts = sorted([y for _, y in demos].count(c) for c in "AB")
+    assert counts == [2, 3]  # round-robin: the classes differ by at most one
+    assert len(set(demos)) == 5
+  # Both orders occur (shuffled), and with distinct outputs it is plain random sampling.
+  firsts = {fewshot.sample_demonstrations(pool, 2, random.Random(s), balanced=True)[0][1]
+            for s in range(20)}
+  assert firsts == {"A", "B"}
+  distinct = [(str(i), str(i)) for i in range(10)]
+  demos = fewshot.sample_demonstrations(distinct, 4, random.Random(0), exclude_index=3,
+                                        balanced=True)
+  assert len(set(demos)) == 4 and ("3", "3") not in demos
+  assert fewshot.fixed_demonstrations(pool, 2, 0, "t", balanced=True) == \
+      fewshot.fixed_demonstrations(pool, 2, 0, "t", balanced=True)
+
+
+def test_relabel_pool_gives_fresh_label_words_shared_by_the_demonstrations():
+  """relabel_pool: every training example (with demonstrations) of a classification task
+  draws its own label words; its demonstrations show the same mapping, so the words carry
+  no meaning beyond the example. Evaluation splits and the zero-shot format keep them."""
+  train = [fewshot.TaskExample(f"in{i}", (["no", "yes"][i % 2],), ("no", "yes"), i % 2)
+           for i in range(20)]
+  task = fewshot.TaskData("cls", {"train": train, "test": train[:4]},
+                          eval_pool=[e.demonstration() for e in train])
+  pool = tuple("ABCDEFGH")
+  cfg = fewshot.HyperConfig(k=2, use_instruction=False, balanced=True, relabel_pool=pool)
+  exs = list(fewshot.ExampleBuilder(task, cfg, T).examples("train"))
+  mappings = set()
+  for i, e in enumerate(exs):
+    assert e["answer_choices"][0] != e["answer_choices"][1]
+    assert set(e["answer_choices"]) <= set(pool)
+    assert e["targets"] == e["answer_choices"][e["label"]] and e["label"] == i % 2
+    for part in e["hyper_inputs"].split("<x>")[1:]:
+      inp, word = [s.strip() for s in part.split("<y>")]
+      assert word == e["answer_choices"][int(inp[2:]) % 2]  # odd inputs are "yes"
+    mappings.add(tuple(e["answer_choices"]))
+  assert len(mappings) > 10
+  # Demonstrations are the ones drawn without relabelling.
+  plain = list(fewshot.ExampleBuilder(task, fewshot.HyperConfig(
+      k=2, use_instruction=False, balanced=True), T).examples("train"))
+  assert [p["hyper_inputs"].count("in") for p in plain] == [e["hyper_inputs"].count("in") for e in exs]
+  for split, mode in (("test", "hyper"), ("train", "none")):
+    c = fewshot.HyperConfig(k=2, hyper_mode=mode, relabel_pool=pool)
+    assert {tuple(e["answer_choices"]) for e in fewshot.ExampleBuilder(task, c, T).examples(split)} \
+        == {("no", "yes")}
+  with pytest.raises(ValueError, match="relabel_pool has 1 words"):
+    list(fewshot.ExampleBuilder(task, fewshot.HyperConfig(k=2, relabel_pool=("A",)), T)
+         .examples("train"))
+
+
 def test_hyper_config_validation():
   with pytest.raises(ValueError, match="hyper_mode"):
     fewshot.HyperConfig(hyper_mode="both")

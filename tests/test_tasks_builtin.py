@@ -159,7 +159,7 @@ def test_suite_sizes_come_from_gin(tmp_path):
   finally:
     gin.clear_config()
   with open(os.path.join(d, "MANIFEST.json")) as f:
-    assert json.load(f)["config"] == sizes
+    assert json.load(f)["config"] == json.loads(json.dumps(sizes))  # tuples as lists
   # 5 transforms x 2 + 4 compositions x 1 + 8 rule-tasks (weights 3+2+1+1+1) x 1
   assert len(mixtures["gin_sized_zeroshot_train"]) == 10 + 4 + 8
   assert builtin_suite.SuiteConfig() == builtin_suite.SuiteConfig(tasks_per_rule=60)
@@ -267,3 +267,33 @@ def test_training_epochs_draw_fresh_demonstrations(registered):
   first, second = two[:len(two) // 2], two[len(two) // 2:]
   assert len(first) == SMALL.train_instances - 5  # minus the validation instances
   assert first != second
+
+
+def test_train_families_restricts_training_and_keeps_held_out(tmp_path):
+  """SuiteConfig.train_families studies one family alone: the same tasks as in the full
+  suite, nothing else in training, the held-out subsets unchanged; with relabel_train and
+  balanced_demos each training example shows one demonstration per class, in fresh words."""
+  only = dataclasses.replace(SMALL, train_families=("letter_word",))
+  full, lw = builtin_suite.generate_suite(0, SMALL), builtin_suite.generate_suite(0, only)
+  assert lw["splits"]["train"] and all(
+      _family(lw["tasks"][n]) == "letter_word" for n in lw["splits"]["train"])
+  # Task names (and so instance ids) are renumbered; the contents are the same.
+  content = lambda task: [(i["input"], i["output"]) for i in task["Instances"]]
+  instances = lambda s, split: sorted(content(s["tasks"][n]) for n in s["splits"][split])
+  assert instances(lw, "train") == sorted(
+      content(full["tasks"][n]) for n in full["splits"]["train"]
+      if _family(full["tasks"][n]) == "letter_word")
+  for subset in builtin_suite.HELDOUT_SUBSETS:
+    assert instances(lw, subset) == instances(full, subset)
+  mixtures = builtin.register_builtin_suite(
+      data_dir=str(tmp_path / "s"), config=only, k=2, hyper_modes=("concat",),
+      num_validation=5, prefix="lw_only", balanced_demos=True, relabel_train=True)
+  assert json.load(open(tmp_path / "s" / "MANIFEST.json"))["config"]["train_families"] == ["letter_word"]
+  for name in mixtures["lw_only_concat_train"]:
+    source = common.get_builder(name).task
+    for ex in list(common.get_builder(name).examples("train"))[:5]:
+      words = [w for w in ex["inputs"].split() if w in builtin_suite.TRAIN_LABEL_WORDS]
+      assert sorted(words) == sorted(ex["answer_choices"])  # one demonstration per class
+      assert ex["targets"] in builtin_suite.TRAIN_LABEL_WORDS
+    held_choices = {tuple(e["answer_choices"]) for e in common.get_builder(name).examples("validation")}
+    assert held_choices == {source.splits["validation"][0].answer_choices}

@@ -236,6 +236,10 @@ class SuiteConfig:
   # Every n-th training task is listed as "train_sample": seen tasks evaluated on new queries
   # (their validation split) without decoding all of them.
   train_sample_every: int = 20
+  # Non-empty: only these training families (names as in the task names: "letter_word",
+  # "append", "first_n_then_double", ...); one family can be studied alone. The held-out
+  # subsets do not change.
+  train_families: Tuple[str, ...] = ()
 
 
 def _random_input(rng, alphabet, cfg):
@@ -326,6 +330,8 @@ def generate_suite(seed: int = 0, config: Optional[SuiteConfig] = None) -> Dict[
     return rng, made
 
   def add(split, family, definition, instances, params, choices=None, category="Transform"):
+    if split == "train" and config.train_families and family not in config.train_families:
+      return
     name = f"task{next(counter):03d}_{family}"
     # Positive examples are instances[:2]; the remaining ones are the Instances.
     tasks[name] = _sni_json(name, definition, instances, category, params, choices)
@@ -412,7 +418,9 @@ def write_suite(out_dir: Optional[str] = None, seed: int = 0,
   """
   out_dir = out_dir or default_cache_dir(seed)
   config = config or SuiteConfig()
-  manifest = {"version": SUITE_VERSION, "seed": seed, "config": dataclasses.asdict(config)}
+  # Through JSON so that it compares equal to the written file (tuples become lists).
+  manifest = json.loads(json.dumps(
+      {"version": SUITE_VERSION, "seed": seed, "config": dataclasses.asdict(config)}))
   mpath = os.path.join(out_dir, "MANIFEST.json")
   if _holds_manifest(out_dir, manifest):
     return out_dir

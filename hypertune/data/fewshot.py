@@ -105,6 +105,13 @@ class HyperConfig:
   # Token budgets in tokens including the EOS the output feature appends.
   max_hyper_length: Optional[int] = 1024
   max_inputs_length: Optional[int] = 384
+  # Sampled demos drawn round-robin over the distinct outputs (every class shown before one
+  # repeats); for tasks whose outputs all differ this is plain random sampling.
+  balanced: bool = False
+  # Non-empty: each training example of a classification task (with demonstrations) draws
+  # fresh label words from this pool, shared by its demonstrations (symbol tuning over a
+  # fixed pool), so that tasks cannot be memorised and the pairing must be read.
+  relabel_pool: Tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.hyper_mode not in HYPER_MODES:
@@ -126,8 +133,27 @@ def sample_demonstrations(
     k: int,
     rng: random.Random,
     exclude_index: Optional[int] = None,
+    balanced: bool = False,
 ) -> List[Demonstration]:
-  """Draws min(k, available) demos without replacement, never `exclude_index`."""
+  """Draws min(k, available) demos without replacement, never `exclude_index`.
+
+  balanced: round-robin over the groups of equal output (`demo[1]`), groups and members
+  in random order, then shuffled: a binary task with k=2 shows one demo per class.
+  """
+  if balanced:
+    groups: Dict[str, List[int]] = {}
+    for i, demo in enumerate(pool):
+      if i != exclude_index:
+        groups.setdefault(demo[1], []).append(i)
+    order = list(groups.values())
+    rng.shuffle(order)
+    for group in order:
+      rng.shuffle(group)
+    picks: List[int] = []
+    while len(picks) < k and any(order):
+      picks += [g.pop() for g in order if g][: k - len(picks)]
+    rng.shuffle(picks)
+    return [pool[p] for p in picks]
   n = len(pool)
   candidates = n - (1 if exclude_index is not None and 0 <= exclude_index < n else 0)
   m = min(k, candidates)
@@ -141,16 +167,31 @@ def sample_demonstrations(
 
 
 def fixed_demonstrations(
-    pool: Sequence[Demonstration], k: int, seed: int, task_name: str
+    pool: Sequence[Demonstration], k: int, seed: int, task_name: str, balanced: bool = False
 ) -> List[Demonstration]:
   """The evaluation demos of a task: chosen once from `pool` by (seed, task_name)."""
-  return sample_demonstrations(pool, k, random.Random(stable_seed("fixed", seed, task_name)))
+  return sample_demonstrations(pool, k, random.Random(stable_seed("fixed", seed, task_name)),
+                               balanced=balanced)
 
 
 def eval_pool(task: TaskData) -> List[Demonstration]:
   if task.eval_pool is not None:
     return list(task.eval_pool)
   return list(task.positive_examples)
+
+
+def _relabel(ex: TaskExample, demos: Sequence[Demonstration], label_pool: Sequence[str],
+             rng: random.Random) -> Tuple[TaskExample, List[Demonstration]]:
+  """`ex` and its demonstrations with the task's label words replaced by words drawn from
+  `label_pool` (one mapping for all of them)."""
+  choices = ex.answer_choices
+  if len(label_pool) < len(choices):
+    raise ValueError(f"relabel_pool has {len(label_pool)} words; the task has "
+                     f"{len(choices)} classes")
+  words = rng.sample(list(label_pool), len(choices))
+  mapping = dict(zip(choices, words))
+  new = TaskExample(ex.inputs, (words[ex.label],), tuple(words), ex.label, ex.id)
+  return new, [(x, mapping.get(y, y)) for x, y in demos]
 
 
 class TruncationStats:
@@ -195,7 +236,7 @@ class ExampleBuilder:
       return []
     if c.demos == "positive":
       return list(self.task.positive_examples[: c.k])
-    return fixed_demonstrations(eval_pool(self.task), c.k, c.seed, self.task.name)
+    return fixed_demonstrations(eval_pool(self.task), c.k, c.seed, self.task.name, c.balanced)
 
   def _instruction(self) -> Optional[str]:
     return self.task.instruction if self.config.use_instruction else None
@@ -265,6 +306,7 @@ class ExampleBuilder:
     need_demos = c.hyper_mode != "none" and c.demos != "none" and c.k > 0
     if split == TRAIN_SPLIT:
       rng = random.Random(stable_seed("train", c.seed, self.task.name, epoch))
+      relabel_rng = random.Random(stable_seed("relabel", c.seed, self.task.name, epoch))
       pool = [e.demonstration() for e in data]
       for i, ex in enumerate(data):
         target = ex.outputs[0] if len(ex.outputs) == 1 else rng.choice(ex.outputs)
@@ -273,7 +315,10 @@ class ExampleBuilder:
         elif c.demos == "positive":
           demos = self.task.positive_examples[: c.k]
         else:
-          demos = sample_demonstrations(pool, c.k, rng, exclude_index=i)
+          demos = sample_demonstrations(pool, c.k, rng, exclude_index=i, balanced=c.balanced)
+        if need_demos and c.relabel_pool and ex.answer_choices:
+          ex, demos = _relabel(ex, demos, c.relabel_pool, relabel_rng)
+          target = ex.outputs[0]
         yield self._assemble(ex, target, demos, i, stats)
     else:
       demos = self.eval_demonstrations() if need_demos else []
