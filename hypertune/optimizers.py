@@ -293,6 +293,7 @@ def parameter_table(
     frozen_patterns: Sequence[str] = (),
     restored_from: Optional[Mapping[str, Optional[str]]] = None,
     strict: bool = True,
+    copied_from: Optional[Mapping[str, str]] = None,
 ) -> str:
     """Human-readable table of every parameter: shape, size, trainable/frozen, origin.
 
@@ -300,6 +301,8 @@ def parameter_table(
       params: parameter tree (arrays, ShapeDtypeStructs or flax boxes of them).
       restored_from: optional {param path: source checkpoint key, or None if freshly
         initialised}, e.g. ``AssignmentReport.sources`` from :mod:`hypertune.checkpoints`.
+      copied_from: optional {param path: path of the parameter it was copied from after
+        loading} (HyperT5's hyper encoder from the downstream encoder); overrides the above.
 
     Returns:
       Multi-line string: one row per parameter, then totals, e.g.::
@@ -321,11 +324,14 @@ def parameter_table(
         totals[status][0] += size
         totals[status][1] += 1
         origin = ""
-        if restored_from is not None:
-            src = restored_from.get(path)
+        if copied_from and path in copied_from:
+            origin = f"copy of {copied_from[path]}"
+        elif restored_from is not None or copied_from:
+            src = (restored_from or {}).get(path)
             origin = "fresh init" if src is None else f"checkpoint:{src}"
         rows.append((path, str(shape), f"{size:,}", status, origin))
-    header = ("path", "shape", "params", "status", "origin" if restored_from is not None else "")
+    show_origin = restored_from is not None or bool(copied_from)
+    header = ("path", "shape", "params", "status", "origin" if show_origin else "")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
     lines = [
         "  ".join(

@@ -159,11 +159,14 @@ def train(
     params, report = load_initial_params(initial_checkpoint_path, params, model, assignment_map)
     sources = report.sources
     logging.info("initial checkpoint %s:\n%s", initial_checkpoint_path, report.summary())
+  copied = None
   if init_hypernet_from_downstream:
     params["hypernet"] = hypert5.init_from_downstream(params["hypernet"], params["downstream"])
+    copied = {p: hypert5.downstream_source(p) for p in optimizers.param_paths(params)
+              if hypert5.downstream_source(p)}
   mask = trainer.trainable
   logging.info("parameters:\n%s", optimizers.parameter_table(
-      params, trainable_patterns, frozen_patterns, restored_from=sources))
+      params, trainable_patterns, frozen_patterns, restored_from=sources, copied_from=copied))
 
   ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"),
                                   save_interval_steps=checkpoint_period,

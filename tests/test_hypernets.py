@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax.core import meta
 
-from hypertune.hypernets.hypert5 import HyperT5, init_from_downstream
+from hypertune import optimizers
+from hypertune.hypernets.hypert5 import HyperT5, downstream_source, init_from_downstream
 from hypertune.hypernets.shared_peft import SharedPeft
 from hypertune.models.config import t5_config
 from hypertune.models.hypermodel import HyperModel
@@ -60,6 +61,19 @@ def test_init_from_downstream_copies_encoder_and_truncated_decoder():
   np.testing.assert_array_equal(hyper["hyper_decoder"]["layers"]["mlp"]["wo"],
                                 down["decoder"]["layers"]["mlp"]["wo"][:1])
   np.testing.assert_array_equal(hyper["decoder_tokens"], params["hypernet"]["decoder_tokens"])
+  # downstream_source (the training log's "copy of ...") names exactly what was copied.
+  before = optimizers.param_paths({"hypernet": params["hypernet"]})
+  after = optimizers.param_paths({"hypernet": hyper})
+  flat_down = optimizers.param_paths({"downstream": down})
+  for path, value in after.items():
+    src = downstream_source(path)
+    if src is None:
+      np.testing.assert_array_equal(value, before[path])
+    else:
+      np.testing.assert_array_equal(value, np.asarray(flat_down[src])[:np.shape(value)[0]])
+  assert downstream_source("hypernet/decoder_tokens") is None
+  assert downstream_source("hypernet/hyper_encoder/layers/mlp/wo") == \
+      "downstream/encoder/layers/mlp/wo"
 
 
 @pytest.mark.parametrize("peft_type", ["prefix", "lora"])

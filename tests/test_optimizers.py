@@ -143,6 +143,16 @@ def test_parameter_table():
     row = next(l for l in lines if l.startswith("hypernet/head/kernel"))
     assert "trainable" in row and "fresh init" in row
     assert lines[-1] == "trainable: 238 params in 2 arrays; frozen: 3.12K params in 2 arrays"
+    # Copied after loading (HyperT5's hyper encoder from the downstream): named as a copy,
+    # with or without an initial checkpoint.
+    for restored in (None, {"hypernet/head/kernel": None}):
+        table = optimizers.parameter_table(
+            _params(), restored_from=restored,
+            copied_from={"hypernet/head/kernel": "downstream/encoder/kernel"})
+        row = next(l for l in table.splitlines() if l.startswith("hypernet/head/kernel"))
+        assert row.endswith("copy of downstream/encoder/kernel")
+        row = next(l for l in table.splitlines() if l.startswith("downstream/encoder/kernel"))
+        assert row.endswith("fresh init")
 
 
 def test_gin_configuration():

@@ -120,6 +120,19 @@ class HyperT5(nn.Module):
     return PeftParams(lora=lora)
 
 
+# HyperT5 sub-tree -> the downstream sub-tree `init_from_downstream` copies it from.
+COPIED_FROM_DOWNSTREAM = {"token_embedder": "token_embedder", "hyper_encoder": "encoder",
+                          "hyper_decoder": "decoder"}
+
+
+def downstream_source(path: str) -> Optional[str]:
+  """"hypernet/hyper_encoder/x" -> "downstream/encoder/x" (None if not copied)."""
+  parts = path.split("/")
+  if len(parts) > 2 and parts[0] == "hypernet" and parts[1] in COPIED_FROM_DOWNSTREAM:
+    return "/".join(["downstream", COPIED_FROM_DOWNSTREAM[parts[1]]] + parts[2:])
+  return None
+
+
 def init_from_downstream(hypernet_params: dict, downstream_params: dict) -> dict:
   """HyperT5 parameters with the encoder, (truncated) decoder and embeddings copied from T5's.
 
@@ -128,8 +141,8 @@ def init_from_downstream(hypernet_params: dict, downstream_params: dict) -> dict
   """
   copy = lambda tree: jax.tree.map(np.array, tree)  # own buffers: no aliasing with downstream
   out = dict(hypernet_params)
-  out["token_embedder"] = copy(downstream_params["token_embedder"])
-  out["hyper_encoder"] = copy(downstream_params["encoder"])
+  for ours in ("token_embedder", "hyper_encoder"):
+    out[ours] = copy(downstream_params[COPIED_FROM_DOWNSTREAM[ours]])
 
   def take(ours, theirs):
     if isinstance(ours, dict):
@@ -141,5 +154,6 @@ def init_from_downstream(hypernet_params: dict, downstream_params: dict) -> dict
       return theirs[:ours.shape[0]]  # truncated stack: the first N layers
     raise ValueError(f"cannot initialise hyper decoder parameter of shape {ours.shape} from "
                      f"downstream shape {theirs.shape}")
-  out["hyper_decoder"] = take(hypernet_params["hyper_decoder"], downstream_params["decoder"])
+  out["hyper_decoder"] = take(hypernet_params["hyper_decoder"],
+                              downstream_params[COPIED_FROM_DOWNSTREAM["hyper_decoder"]])
   return out
