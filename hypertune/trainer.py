@@ -162,8 +162,8 @@ def train(
   copied = None
   if init_hypernet_from_downstream:
     params["hypernet"] = hypert5.init_from_downstream(params["hypernet"], params["downstream"])
-    copied = {p: hypert5.downstream_source(p) for p in optimizers.param_paths(params)
-              if hypert5.downstream_source(p)}
+    copied = {p: src for p in optimizers.param_paths(params)
+              if (src := hypert5.downstream_source(p))}
   mask = trainer.trainable
   logging.info("parameters:\n%s", optimizers.parameter_table(
       params, trainable_patterns, frozen_patterns, restored_from=sources, copied_from=copied))

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 import random
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -149,9 +150,9 @@ def sample_demonstrations(
     rng.shuffle(order)
     for group in order:
       rng.shuffle(group)
-    picks: List[int] = []
-    while len(picks) < k and any(order):
-      picks += [g.pop() for g in order if g][: k - len(picks)]
+    # Round robin: the last member of every group, then the one before it, ...
+    rounds = itertools.zip_longest(*(reversed(group) for group in order))
+    picks = [i for members in rounds for i in members if i is not None][:k]
     rng.shuffle(picks)
     return [pool[p] for p in picks]
   n = len(pool)
@@ -180,8 +181,14 @@ def eval_pool(task: TaskData) -> List[Demonstration]:
   return list(task.positive_examples)
 
 
-def _relabel(ex: TaskExample, demos: Sequence[Demonstration], label_pool: Sequence[str],
-             rng: random.Random) -> Tuple[TaskExample, List[Demonstration]]:
+def relabel(ex: TaskExample, mapping: Sequence[str]) -> TaskExample:
+  """`ex` with class i's label word replaced by mapping[i] (symbol tuning)."""
+  return TaskExample(ex.inputs, (mapping[ex.label],), tuple(mapping), ex.label, ex.id)
+
+
+def _relabel_from_pool(ex: TaskExample, demos: Sequence[Demonstration],
+                       label_pool: Sequence[str], rng: random.Random
+                       ) -> Tuple[TaskExample, List[Demonstration]]:
   """`ex` and its demonstrations with the task's label words replaced by words drawn from
   `label_pool` (one mapping for all of them)."""
   choices = ex.answer_choices
@@ -189,9 +196,8 @@ def _relabel(ex: TaskExample, demos: Sequence[Demonstration], label_pool: Sequen
     raise ValueError(f"relabel_pool has {len(label_pool)} words; the task has "
                      f"{len(choices)} classes")
   words = rng.sample(list(label_pool), len(choices))
-  mapping = dict(zip(choices, words))
-  new = TaskExample(ex.inputs, (words[ex.label],), tuple(words), ex.label, ex.id)
-  return new, [(x, mapping.get(y, y)) for x, y in demos]
+  new_word = dict(zip(choices, words))
+  return relabel(ex, words), [(x, new_word.get(y, y)) for x, y in demos]
 
 
 class TruncationStats:
@@ -317,7 +323,7 @@ class ExampleBuilder:
         else:
           demos = sample_demonstrations(pool, c.k, rng, exclude_index=i, balanced=c.balanced)
         if need_demos and c.relabel_pool and ex.answer_choices:
-          ex, demos = _relabel(ex, demos, c.relabel_pool, relabel_rng)
+          ex, demos = _relabel_from_pool(ex, demos, c.relabel_pool, relabel_rng)
           target = ex.outputs[0]
         yield self._assemble(ex, target, demos, i, stats)
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import string
-from typing import Iterator, List, Sequence
+from typing import Iterator, List
 
 from hypertune.data import fewshot
 
@@ -42,10 +42,6 @@ def draw_labels(n: int, rng: random.Random, kind: str = None) -> List[str]:
     if s not in out:
       out.append(s)
   return out
-
-
-def relabel(ex: fewshot.TaskExample, mapping: Sequence[str]) -> fewshot.TaskExample:
-  return fewshot.TaskExample(ex.inputs, (mapping[ex.label],), tuple(mapping), ex.label, ex.id)
 
 
 class SymbolTuningBuilder(fewshot.ExampleBuilder):
@@ -91,6 +87,6 @@ class SymbolTuningBuilder(fewshot.ExampleBuilder):
     stats.report(self.task.name, split, c.max_inputs_length)
 
   def _emit(self, ex, demo_examples, mapping, i, stats):
-    target = relabel(ex, mapping)
+    target = fewshot.relabel(ex, mapping)
     demos = [(d.inputs, mapping[d.label]) for d in demo_examples]
     return self._assemble(target, target.outputs[0], demos, i, stats)
