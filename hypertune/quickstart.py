@@ -1,16 +1,17 @@
 """Quickstart: `python -m hypertune.quickstart [--model_dir=DIR] [--gin.MACRO=VALUE ...]`.
 
-On the built-in meta-learning suite (no files, byte vocabulary, 2 CPU cores):
-  1. train a small downstream T5 on the training families, on `inputs` alone and with the
-     demonstrations concatenated before them (gin/quickstart/1_downstream.gin);
-  2. freeze it and train HyperT5-Prefix on the same families (2_hypert5.gin): the hypernetwork
-     reads the demonstrations, the frozen model reads `inputs` alone plus generated prefixes;
-  3. evaluate the held-out tasks three ways, each through the real binaries:
-     zero-shot (stage 1's model on `inputs`), HyperT5 (stage 2) and few-shot concatenation
-     (stage 1's model with the demonstrations in `inputs`, `hypertune.eval`), and the same
-     three on new queries of seen tasks (every 20th training task's validation split),
-and print a table per held-out subset. Extra `--gin.*` flags go to every stage (e.g.
-`--gin.TRAIN_STEPS=100` for a smoke run).
+On the built-in meta-learning suite (no files, byte vocabulary, 2 CPU cores), each stage
+through the real binaries:
+  1. train a tiny downstream T5 on the training families' `inputs` alone (T5-MTF,
+     gin/quickstart/1_downstream.gin): the zero-shot baseline;
+  2. freeze it and train HyperT5-Prefix over it on the same families (2_hypert5.gin): the
+     hypernetwork reads the demonstrations, the frozen model reads `inputs` plus the
+     generated prefixes;
+  3. fine-tune stage 1's model further with the demonstrations concatenated before `inputs`
+     (3_fewshot.gin): the few-shot concatenation baseline;
+then evaluate each on the held-out tasks and on new queries of seen tasks (every 20th
+training task's validation split), and print a table per held-out subset. Extra `--gin.*`
+flags go to every stage (e.g. `--gin.TRAIN_STEPS=100` for a smoke run).
 """
 import glob
 import json
@@ -19,19 +20,19 @@ import subprocess
 import sys
 import time
 
-# (table row, run directory, binary, flags; "{model_dir}" is filled in)
+# Training stages: (table row, run directory, flags; "{model_dir}" is filled in).
 STAGES = (
-    ("zero-shot T5", "1", "train", ["--gin_file=quickstart/1_downstream.gin"]),
-    ("HyperT5-Prefix", "2", "train", ["--gin_file=quickstart/2_hypert5.gin",
-                                      "--gin.INITIAL_CHECKPOINT_PATH='{model_dir}/1'"]),
-    ("few-shot concatenation", "1", "eval",
-     ["--gin.EVAL_MIXTURE_OR_TASK_NAME='builtin_concat_heldout'"]),
+    ("zero-shot T5", "1", ["--gin_file=quickstart/1_downstream.gin"]),
+    ("HyperT5-Prefix", "2", ["--gin_file=quickstart/2_hypert5.gin",
+                             "--gin.INITIAL_CHECKPOINT_PATH='{model_dir}/1'"]),
+    ("few-shot concatenation", "3", ["--gin_file=quickstart/3_fewshot.gin",
+                                     "--gin.INITIAL_CHECKPOINT_PATH='{model_dir}/1'"]),
 )
 # Seen tasks, new queries: (table row, run directory, eval mixture), split "validation".
 SEEN = (
     ("zero-shot T5", "1", "builtin_zeroshot_train_sample"),
     ("HyperT5-Prefix", "2", "builtin_train_sample"),
-    ("few-shot concatenation", "1", "builtin_concat_train_sample"),
+    ("few-shot concatenation", "3", "builtin_concat_train_sample"),
 )
 # (column, task list: a held-out subset, "train_sample" or None = all held-out, metric)
 COLUMNS = (
@@ -109,11 +110,10 @@ def main(argv=None):
           f"{time.time() - start:.0f}s elapsed)", flush=True)
     subprocess.run(cmd + argv, check=True)
 
-  for i, (name, run_name, binary, flags) in enumerate(STAGES, 1):
+  for i, (name, run_name, flags) in enumerate(STAGES, 1):
     run_dir = os.path.join(model_dir, run_name)
-    run(i, name, run_dir, binary, flags)
-    results.append((name, latest_results(run_dir) if binary == "train" else
-                    latest_results(run_dir, "builtin_concat_heldout_test")))
+    run(i, name, run_dir, "train", flags)
+    results.append((name, latest_results(run_dir)))
   for i, ((name, run_name, mixture), (_, row)) in enumerate(zip(SEEN, results), len(STAGES) + 1):
     run_dir = os.path.join(model_dir, run_name)
     run(i, f"{name}, seen tasks", run_dir, "eval",

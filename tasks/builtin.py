@@ -16,9 +16,8 @@ builtin.<task>         one task (e.g. builtin.task001_first_n)
 =====================  ==========================================================
 
 with ``builtin_concat*`` (demos concatenated into `inputs`: T5-MTF-Few-shot) and
-``builtin_zeroshot*`` (inputs only: T5-MTF) variants reading the same data, and
-``builtin_mixed_train`` (the zeroshot and concat training tasks together: one downstream
-model that serves as both baselines). Training mixtures are merged tasks
+``builtin_zeroshot*`` (inputs only: T5-MTF) variants reading the same data. Training
+mixtures are merged tasks
 (`tasks.common.register_merged_task`): one tf.data pipeline for hundreds of small tasks.
 
 Default setting "fewshot": the hypernetwork reads K=8 demonstrations
@@ -37,7 +36,6 @@ import gin
 import seqio
 
 from hypertune.data import builtin_suite
-from tasks import common
 from tasks import sni as sni_tasks
 
 SUGGESTED_TASK_FEATURE_LENGTHS = {"hyper_inputs": 256, "inputs": 32, "targets": 16}
@@ -84,7 +82,7 @@ def register_builtin_suite(
   """
   config = config or builtin_suite.SuiteConfig()
   out_dir = builtin_suite.write_suite(data_dir, seed=seed, config=config)
-  mixtures = sni_tasks.register_sni_layout(
+  return sni_tasks.register_sni_layout(
       out_dir,
       vocabulary=vocabulary or seqio.ByteVocabulary(),
       prefix=prefix,
@@ -93,7 +91,7 @@ def register_builtin_suite(
       setting_in_name=False,
       k=k,
       seed=seed,
-      max_train_instances=config.train_instances,
+      max_train_instances=max(config.train_instances, config.transform_train_instances),
       max_eval_instances=config.heldout_instances,
       num_validation=num_validation,
       mixing_cap=None,
@@ -103,12 +101,3 @@ def register_builtin_suite(
       balanced_demos=balanced_demos,
       relabel_pool=builtin_suite.TRAIN_LABEL_WORDS if relabel_train else (),
   )
-  # The downstream model of the quickstart trains on both formats, so one model serves as
-  # the zero-shot baseline, the few-shot-concatenation baseline and HyperT5's frozen model.
-  parts = (f"{prefix}_zeroshot_train", f"{prefix}_concat_train")
-  if all(p in mixtures for p in parts):
-    rates = {t: r for p in parts for t, r in common.mixture_rates(p).items()}
-    common.register_merged_task(f"{prefix}_mixed_train", rates,
-                                vocabulary or seqio.ByteVocabulary(), seed=seed)
-    mixtures[f"{prefix}_mixed_train"] = list(rates)
-  return mixtures

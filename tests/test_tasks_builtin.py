@@ -19,8 +19,8 @@ from tasks import common
 SMALL = builtin_suite.SuiteConfig(
     tasks_per_transform=2, tasks_per_composition=1, num_train_compositions=4,
     num_heldout_compositions=2, tasks_per_rule=2, heldout_tasks_per_family=1,
-    heldout_label_word_tasks_per_rule=1, train_instances=30, heldout_instances=10,
-    heldout_demo_pool=8)
+    heldout_label_word_tasks_per_rule=1, train_instances=30, transform_train_instances=40,
+    heldout_instances=10, heldout_demo_pool=8)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,24 @@ def test_strings_are_short_and_classes_balanced(suite):
     if "hypertune_answer_choices" in t:
       counts = collections.Counter(i["output"][0] for i in t["Instances"])
       assert min(counts.values()) >= 0.3 * sum(counts.values()), (name, counts)
+
+
+def test_transformation_tasks_get_many_training_strings():
+  """Transformations and compositions have transform_train_instances training strings (all
+  distinct, so copying cannot be replaced by memorising them), classification tasks
+  train_instances; held-out tasks are sized by heldout_instances either way."""
+  suite = builtin_suite.generate_suite(seed=0, config=SMALL)
+  for name in suite["splits"]["train"]:
+    t = suite["tasks"][name]
+    inputs = [i["input"] for i in t["Instances"]]  # the two positive examples come on top
+    is_rule = "hypertune_answer_choices" in t
+    assert len(inputs) == (SMALL.train_instances if is_rule else
+                           SMALL.transform_train_instances), name
+    if not is_rule:
+      assert len(set(inputs)) == len(inputs), name
+  n_heldout = SMALL.heldout_instances + SMALL.heldout_demo_pool
+  for name in suite["splits"]["heldout_compositions"]:
+    assert len(suite["tasks"][name]["Instances"]) == n_heldout, name
 
 
 def test_written_files_follow_sni_schema(registered):
@@ -176,9 +194,6 @@ def test_registered_names(registered):
       + mixtures["builtin_heldout_label_words"])
   assert not set(mixtures["builtin_train"]) & set(mixtures["builtin_heldout"])
   assert "builtin.task001_first_n" in mixtures["builtin_train"]
-  # The quickstart's downstream mixture: both formats of every training task.
-  assert sorted(mixtures["builtin_mixed_train"]) == sorted(
-      mixtures["builtin_zeroshot_train"] + mixtures["builtin_concat_train"])
 
 
 def test_three_input_variants(registered):
@@ -265,7 +280,8 @@ def test_training_epochs_draw_fresh_demonstrations(registered):
   name = mixtures["builtin_train"][0]
   two = _epoch(name, epochs=2)
   first, second = two[:len(two) // 2], two[len(two) // 2:]
-  assert len(first) == SMALL.train_instances - 5  # minus the validation instances
+  assert name.endswith("_first_n")  # a transformation task
+  assert len(first) == SMALL.transform_train_instances - 5  # minus the validation instances
   assert first != second
 
 

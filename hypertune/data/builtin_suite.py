@@ -12,10 +12,12 @@ append, remove_letter, uppercase) and their compositions; classification by a hi
 small pool of 28 one-character words, capitals and digits (8 more are held out), so every word
 serves many tasks in both roles; token mappings (`letter_word`: one letter -> its word,
 in-context learning's simplest form). Strings are 3-5 letters (targets <= 12 bytes) so that a tiny
-byte-level T5 trains on CPU in minutes. Classification tasks are many and small (480 of
-20 instances), so that memorising them is slow. It remains possible: HyperT5 trained only on
-the 180 `letter_word` tasks for 1,500 steps memorises them. It then reaches 99% training token
-accuracy but stays at chance on new `letter_word` tasks (another seed). Only reading the
+byte-level T5 trains on CPU in minutes. Transformation tasks are few and large (60 of 200
+strings): with 20 strings a tiny model memorises them instead of learning to copy.
+Classification tasks are many and small (480 of 20 instances), so that memorising them is
+slow. It remains possible: HyperT5 trained only on the 180 `letter_word` tasks for 1,500
+steps memorises them. It then reaches 99% training token accuracy but stays at chance on new
+`letter_word` tasks (another seed). Only reading the
 demonstrations transfers to tasks it has not seen.
 
 Split (fixed for a seed; held-out never appears in training - tested):
@@ -49,8 +51,9 @@ from hypertune.data import fewshot
 
 # 2: first_letter / last_letter lookup rules; 3: copy-with-change transforms, token mappings,
 # generated label words, many small held-out tasks; 4: a small label-word pool (48 + 16);
-# 5: one-character label words (28 + 8), learned far faster by a byte-level model.
-SUITE_VERSION = 5
+# 5: one-character label words (28 + 8), learned far faster by a byte-level model;
+# 6: 200 training strings per transformation task (SuiteConfig.transform_train_instances).
+SUITE_VERSION = 6
 LETTERS = string.ascii_lowercase
 VOWELS = set("aeiou")
 
@@ -227,6 +230,10 @@ class SuiteConfig:
   heldout_tasks_per_family: int = 5
   heldout_label_word_tasks_per_rule: int = 4
   train_instances: int = 20
+  # Transformation tasks get many more training strings: with 20 a tiny model memorises
+  # them (99% token accuracy) and never learns to copy (0 EM on new strings); with a few
+  # hundred it has to copy (README "What the quickstart shows").
+  transform_train_instances: int = 200
   heldout_instances: int = 16
   # Extra instances per held-out task, after the evaluated ones: the pool from which
   # the fixed evaluation demonstrations are drawn (never evaluated).
@@ -368,10 +375,10 @@ def generate_suite(seed: int = 0, config: Optional[SuiteConfig] = None) -> Dict[
             _transform_instances(rng, fn, alpha, n_inst + 2, config),
             {"family": f"{a.name}+{b.name}", "params": f"{pa};{pb}"})
 
-  n_tr = config.train_instances
+  n_tr, n_tr_transform = config.train_instances, config.transform_train_instances
   n_ho = config.heldout_instances + config.heldout_demo_pool
   for t in TRAIN_TRANSFORMS:
-    transform_tasks("train", t, config.tasks_per_transform, n_tr)
+    transform_tasks("train", t, config.tasks_per_transform, n_tr_transform)
   # Compositions: uppercase only last (other transforms act on lowercase letters).
   comp = [t for t in TRAIN_TRANSFORMS if t.composable]
   pairs = [(a, b) for a in comp for b in comp if a is not b and a.name != "uppercase"]
@@ -379,7 +386,7 @@ def generate_suite(seed: int = 0, config: Optional[SuiteConfig] = None) -> Dict[
   train_pairs = pairs[: config.num_train_compositions]
   heldout_pairs = pairs[config.num_train_compositions:
                         config.num_train_compositions + config.num_heldout_compositions]
-  composition_tasks("train", train_pairs, n_tr)
+  composition_tasks("train", train_pairs, n_tr_transform)
   for r in TRAIN_RULES:
     rule_tasks("train", r, config.tasks_per_rule * r.weight, n_tr, TRAIN_LABEL_WORDS)
   for t in HELDOUT_TRANSFORMS:
