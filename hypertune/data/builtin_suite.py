@@ -17,8 +17,8 @@ strings): with 20 strings a tiny model memorises them instead of learning to cop
 Classification tasks are many and small (480 of 20 instances), so that memorising them is
 slow. It remains possible: HyperT5 trained only on the 180 `letter_word` tasks for 1,500
 steps memorises them. It then reaches 99% training token accuracy but stays at chance on new
-`letter_word` tasks (another seed). Only reading the
-demonstrations transfers to tasks it has not seen.
+`letter_word` tasks (another seed). Only reading the demonstrations transfers to tasks it
+has not seen.
 
 Split (fixed for a seed; held-out never appears in training - tested):
 
