@@ -1,4 +1,5 @@
-"""Quickstart: `python -m hypertune.quickstart [--model_dir=DIR] [--gin.MACRO=VALUE ...]`.
+"""Quickstart: `python -m hypertune.quickstart [--model_dir=DIR] [--downstream_checkpoint=PATH]
+[--gin.MACRO=VALUE ...]`.
 
 On the built-in meta-learning suite (no files, byte vocabulary, 2 CPU cores), each stage
 through the real binaries:
@@ -12,6 +13,9 @@ through the real binaries:
 then evaluate each on the held-out tasks and on new queries of seen tasks (every 20th
 training task's validation split), and print a table per held-out subset. Extra `--gin.*`
 flags go to every stage (e.g. `--gin.TRAIN_STEPS=100` for a smoke run).
+`--downstream_checkpoint=PATH` starts stage 1 from your checkpoint (a Hugging Face T5
+directory or a hypertune run) instead of random weights; pass the flags that match it
+(`--gin.config.t5_config.size=...`, vocabulary).
 """
 import glob
 import json
@@ -93,25 +97,52 @@ def format_table(rows) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  argv = list(sys.argv[1:] if argv is None else argv)
-  model_dir = "/tmp/hypertune_quickstart"
-  for arg in list(argv):
+def parse_args(argv):
+  """-> (model_dir, downstream_checkpoint or None, the `--gin.*` flags for every stage)."""
+  model_dir, downstream_checkpoint, gin_flags = "/tmp/hypertune_quickstart", None, []
+  for arg in argv:
     if arg.startswith("--model_dir="):
       model_dir = arg.split("=", 1)[1]
-      argv.remove(arg)
+    elif arg.startswith("--downstream_checkpoint="):
+      downstream_checkpoint = arg.split("=", 1)[1]
+    elif arg.startswith("--gin.INITIAL_CHECKPOINT_PATH"):
+      # Every stage gets the flags: stages 2 and 3 would load it instead of stage 1's model.
+      raise SystemExit("quickstart: INITIAL_CHECKPOINT_PATH is set per stage; pass "
+                       "--downstream_checkpoint=PATH to start the downstream model from yours")
+    elif arg.startswith("--gin.") or arg.startswith("--gin_file=") or arg.startswith(
+        "--gin_search_paths="):
+      gin_flags.append(arg)
+    else:
+      raise SystemExit(f"quickstart: unknown argument {arg!r}; use --model_dir=DIR, "
+                       "--downstream_checkpoint=PATH or --gin.NAME=VALUE")
+  return model_dir, downstream_checkpoint, gin_flags
+
+
+def stage_flags(model_dir: str, downstream_checkpoint=None):
+  """[(row, run directory, flags)] of the training stages; stage 1 starts from
+  `downstream_checkpoint` (a Hugging Face T5 directory or a hypertune run) when given."""
+  out = []
+  for i, (name, run_name, flags) in enumerate(STAGES):
+    flags = [f.format(model_dir=model_dir) for f in flags]
+    if i == 0 and downstream_checkpoint:
+      flags.append(f"--gin.INITIAL_CHECKPOINT_PATH='{downstream_checkpoint}'")
+    out.append((name, os.path.join(model_dir, run_name), flags))
+  return out
+
+
+def main(argv=None):
+  model_dir, downstream_checkpoint, argv = parse_args(
+      list(sys.argv[1:] if argv is None else argv))
   results = []
   start = time.time()
 
   def run(i, name, run_dir, binary, flags):
-    cmd = [sys.executable, "-m", f"hypertune.{binary}", f"--gin.MODEL_DIR='{run_dir}'"]
-    cmd += [f.format(model_dir=model_dir) for f in flags]
+    cmd = [sys.executable, "-m", f"hypertune.{binary}", f"--gin.MODEL_DIR='{run_dir}'"] + flags
     print(f"\n=== stage {i}/{len(STAGES) + len(SEEN)}: {name} ({binary}, {run_dir}; "
           f"{time.time() - start:.0f}s elapsed)", flush=True)
     subprocess.run(cmd + argv, check=True)
 
-  for i, (name, run_name, flags) in enumerate(STAGES, 1):
-    run_dir = os.path.join(model_dir, run_name)
+  for i, (name, run_dir, flags) in enumerate(stage_flags(model_dir, downstream_checkpoint), 1):
     run(i, name, run_dir, "train", flags)
     results.append((name, latest_results(run_dir)))
   for i, ((name, run_name, mixture), (_, row)) in enumerate(zip(SEEN, results), len(STAGES) + 1):

@@ -32,6 +32,30 @@ def test_summary_rows_average_each_subset_and_metric():
   assert table.splitlines()[1].split()[1:4] == ["90.0", "nan", "60.0"]
 
 
+def test_downstream_checkpoint_starts_stage_one_only():
+  """A user's checkpoint initialises the downstream model; HyperT5 and the concatenation
+  baseline still start from stage 1's result, and gin flags reach every stage."""
+  model_dir, ckpt, flags = quickstart.parse_args(
+      ["--model_dir=/runs/q", "--downstream_checkpoint=/ckpt/t5", "--gin.TRAIN_STEPS=4"])
+  assert (model_dir, ckpt, flags) == ("/runs/q", "/ckpt/t5", ["--gin.TRAIN_STEPS=4"])
+  stages = quickstart.stage_flags(model_dir, ckpt)
+  assert [s[1] for s in stages] == ["/runs/q/1", "/runs/q/2", "/runs/q/3"]
+  starts = [[f for f in s[2] if "INITIAL_CHECKPOINT_PATH" in f] for s in stages]
+  assert starts == [["--gin.INITIAL_CHECKPOINT_PATH='/ckpt/t5'"],
+                    ["--gin.INITIAL_CHECKPOINT_PATH='/runs/q/1'"],
+                    ["--gin.INITIAL_CHECKPOINT_PATH='/runs/q/1'"]]
+  assert not [f for f in quickstart.stage_flags("/runs/q")[0][2] if "INITIAL" in f]
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--gin.INITIAL_CHECKPOINT_PATH='/x'", "--downstream_checkpoint"),
+    ("--steps=3", "unknown argument '--steps=3'"),
+])
+def test_bad_quickstart_arguments_are_named(arg, message):
+  with pytest.raises(SystemExit, match=message):
+    quickstart.parse_args([arg])
+
+
 @pytest.mark.slow
 def test_quickstart_end_to_end_at_reduced_steps(tmp_path):
   out = subprocess.run(
