@@ -115,6 +115,27 @@ def test_transformation_tasks_get_many_training_strings():
     assert len(suite["tasks"][name]["Instances"]) == n_heldout, name
 
 
+def test_default_suite_has_many_tasks_per_transformation_family():
+  """Suite version 7: 40 tasks per transformation family (1,600 strings), each with its own
+  parameter where the family has enough of them. With 8 tasks a model remembered the 8
+  endings of `append` (94% EM on new queries of seen tasks, 3% on new tasks)."""
+  config = builtin_suite.SuiteConfig()
+  suite = builtin_suite.generate_suite(seed=0, config=config)
+  params = collections.defaultdict(list)
+  for name in suite["splits"]["train"]:
+    t = suite["tasks"][name]
+    if "hypertune_answer_choices" not in t:
+      params[_family(t)].append(t["hypertune_params"]["params"])
+  for t in builtin_suite.TRAIN_TRANSFORMS:
+    assert len(params[t.name]) == config.tasks_per_transform >= 40, t.name
+    assert len(params[t.name]) * config.transform_train_instances >= 1600, t.name
+  assert len(set(params["append"])) == len(params["append"])  # an ending per task
+  assert len(set(params["remove_letter"])) >= 20
+  compositions = [f for f in params if "+" in f]
+  assert compositions and all(len(params[f]) == config.tasks_per_composition >= 10
+                              for f in compositions)
+
+
 def test_written_files_follow_sni_schema(registered):
   d, _ = registered
   layout = sni.find_layout(d)

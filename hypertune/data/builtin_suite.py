@@ -12,8 +12,10 @@ append, remove_letter, uppercase) and their compositions; classification by a hi
 small pool of 28 one-character words, capitals and digits (8 more are held out), so every word
 serves many tasks in both roles; token mappings (`letter_word`: one letter -> its word,
 in-context learning's simplest form). Strings are 3-5 letters (targets <= 12 bytes) so that a tiny
-byte-level T5 trains on CPU in minutes. Transformation tasks are few and large (60 of 200
-strings): with 20 strings a tiny model memorises them instead of learning to copy.
+byte-level T5 trains on CPU in minutes. Transformation tasks are many (300 of 40 strings,
+1,600 strings per family): with 160 strings per family (8 tasks of 20) a tiny model memorises
+them instead of learning to copy, and with few tasks it remembers their parameters instead of
+reading them.
 Classification tasks are many and small (480 of 20 instances), so that memorising them is
 slow. It remains possible: HyperT5 trained only on the 180 `letter_word` tasks for 1,500
 steps memorises them. It then reaches 99% training token accuracy but stays at chance on new
@@ -52,8 +54,11 @@ from hypertune.data import fewshot
 # 2: first_letter / last_letter lookup rules; 3: copy-with-change transforms, token mappings,
 # generated label words, many small held-out tasks; 4: a small label-word pool (48 + 16);
 # 5: one-character label words (28 + 8), learned far faster by a byte-level model;
-# 6: 200 training strings per transformation task (SuiteConfig.transform_train_instances).
-SUITE_VERSION = 6
+# 6: 200 training strings per transformation task (SuiteConfig.transform_train_instances);
+# 7: five times as many transformation tasks with 40 strings each (the same strings in all),
+# so that a task's parameter (an ending, a letter) is read off the demonstrations rather
+# than remembered for a handful of tasks; `contains` over 3 letters instead of 6.
+SUITE_VERSION = 7
 LETTERS = string.ascii_lowercase
 VOWELS = set("aeiou")
 
@@ -163,7 +168,10 @@ def _length_parity(rng):
 
 
 def _contains(rng):
-  alpha = _alphabet(rng, 6)
+  # Three letters: a demonstration without the letter then usually shows the other two, so
+  # the letter can be read off a pair of demonstrations (70% of queries are determined by one
+  # per class, 89% by 4 at random; with 6 letters 28% and 66%).
+  alpha = _alphabet(rng, 3)
   c = rng.choice(alpha)
   return f"letter={c}", lambda s: c in s, alpha
 
@@ -213,15 +221,19 @@ HELDOUT_RULES = (
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SuiteConfig:
-  """Sizes of the generated suite (defaults: 540 training tasks, 57 held-out); gin sets
+  """Sizes of the generated suite (defaults: 780 training tasks, 57 held-out); gin sets
   them (`SuiteConfig.tasks_per_rule = 30`).
 
   Many tasks per family (each with its own hidden parameters and label words) so that
   what is learned is reading demonstrations, not the tasks themselves.
   """
 
-  tasks_per_transform: int = 8
-  tasks_per_composition: int = 2
+  # Many transformation tasks, each with its own parameter: with 8 tasks per family a model
+  # remembers the 8 endings of `append` (94% EM on seen tasks, 3% on new ones); with 40 it
+  # has to read them off the demonstrations (README "Can a tiny model learn the
+  # training families?").
+  tasks_per_transform: int = 40
+  tasks_per_composition: int = 10
   num_train_compositions: int = 10
   num_heldout_compositions: int = 6
   tasks_per_rule: int = 60
@@ -230,10 +242,10 @@ class SuiteConfig:
   heldout_tasks_per_family: int = 5
   heldout_label_word_tasks_per_rule: int = 4
   train_instances: int = 20
-  # Transformation tasks get many more training strings: with 20 a tiny model memorises
-  # them (99% token accuracy) and never learns to copy (0 EM on new strings); with a few
-  # hundred it has to copy (README "What the quickstart shows").
-  transform_train_instances: int = 200
+  # Transformation tasks get more training strings: with 20 (and 8 tasks per family) a tiny
+  # model memorises them (99% token accuracy) and never learns to copy (0 EM on new strings);
+  # with 1,600 strings per family it has to copy (README "What the quickstart shows").
+  transform_train_instances: int = 40
   heldout_instances: int = 16
   # Extra instances per held-out task, after the evaluated ones: the pool from which
   # the fixed evaluation demonstrations are drawn (never evaluated).
