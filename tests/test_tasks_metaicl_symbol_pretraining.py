@@ -4,6 +4,7 @@ import collections
 import json
 import os
 import random
+import tempfile
 
 import pytest
 import seqio
@@ -264,6 +265,18 @@ def test_register_pretraining_from_c4_through_tfds(tmp_path):
   assert batch["hyper_encoder_input_tokens"].shape == (2, 128)
   assert batch["encoder_input_tokens"].shape == (2, 8)
   assert batch["decoder_target_tokens"].shape == (2, 128)
+
+
+def test_tfds_temp_dirs_stay_under_pytest_tmp(tmp_path, library_temp_files_under_pytest_tmp):
+  """tfds leaves an empty temporary directory per builder (253 in the mock test above):
+  they land under pytest's temporary directory (conftest), not in /tmp."""
+  import tensorflow_datasets as tfds
+
+  before = set(os.listdir(library_temp_files_under_pytest_tmp))
+  tfds.builder("c4/en", data_dir=str(tmp_path))
+  made = set(os.listdir(library_temp_files_under_pytest_tmp)) - before
+  assert made and all(p.endswith("tfds") for p in made)
+  assert tempfile.gettempdir() == library_temp_files_under_pytest_tmp
 
 
 @pytest.mark.parametrize("subdir", ["empty", "missing"])
