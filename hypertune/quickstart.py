@@ -131,7 +131,7 @@ def stage_flags(model_dir: str, downstream_checkpoint=None):
 
 
 def main(argv=None):
-  model_dir, downstream_checkpoint, argv = parse_args(
+  model_dir, downstream_checkpoint, gin_flags = parse_args(
       list(sys.argv[1:] if argv is None else argv))
   results = []
   start = time.time()
@@ -140,7 +140,7 @@ def main(argv=None):
     cmd = [sys.executable, "-m", f"hypertune.{binary}", f"--gin.MODEL_DIR='{run_dir}'"] + flags
     print(f"\n=== stage {i}/{len(STAGES) + len(SEEN)}: {name} ({binary}, {run_dir}; "
           f"{time.time() - start:.0f}s elapsed)", flush=True)
-    subprocess.run(cmd + argv, check=True)
+    subprocess.run(cmd + gin_flags, check=True)
 
   for i, (name, run_dir, flags) in enumerate(stage_flags(model_dir, downstream_checkpoint), 1):
     run(i, name, run_dir, "train", flags)

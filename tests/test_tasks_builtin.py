@@ -115,12 +115,11 @@ def test_transformation_tasks_get_many_training_strings():
     assert len(suite["tasks"][name]["Instances"]) == n_heldout, name
 
 
-def test_default_suite_has_many_tasks_per_transformation_family():
+def test_default_suite_has_many_tasks_per_transformation_family(suite):
   """Suite version 7: 40 tasks per transformation family (1,600 strings), each with its own
   parameter where the family has enough of them. With 8 tasks a model remembered the 8
   endings of `append` (94% EM on new queries of seen tasks, 3% on new tasks)."""
-  config = builtin_suite.SuiteConfig()
-  suite = builtin_suite.generate_suite(seed=0, config=config)
+  config = builtin_suite.SuiteConfig()  # the `suite` fixture's
   params = collections.defaultdict(list)
   for name in suite["splits"]["train"]:
     t = suite["tasks"][name]
