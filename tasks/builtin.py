@@ -30,6 +30,7 @@ targets 16 (see SUGGESTED_TASK_FEATURE_LENGTHS).
 
 from __future__ import annotations
 
+import string
 from typing import Dict, List, Optional, Sequence
 
 import gin
@@ -76,9 +77,10 @@ def register_builtin_suite(
     prefix: name prefix.
     balanced_demos: draw the demonstrations of classification tasks one class at a time
       (with k=2: one per class); see `fewshot.HyperConfig.balanced`.
-    relabel_train: training examples of classification tasks (with demonstrations) draw
-      fresh label words from the training pool, so that a model cannot memorise the tasks
-      and has to read each word's pairing off the demonstrations.
+    relabel_train: training examples (with demonstrations) are relabelled, so that a model
+      cannot memorise the tasks and has to read them off the demonstrations: classification
+      examples draw fresh label words from the training pool, transformation examples a
+      fresh permutation of the letters (an `append` task's ending "q" becomes another).
   """
   config = config or builtin_suite.SuiteConfig()
   out_dir = builtin_suite.write_suite(data_dir, seed=seed, config=config)
@@ -100,4 +102,5 @@ def register_builtin_suite(
       list_aliases={"test": "heldout"},
       balanced_demos=balanced_demos,
       relabel_pool=builtin_suite.TRAIN_LABEL_WORDS if relabel_train else (),
+      permute_alphabets=(string.ascii_lowercase, string.ascii_uppercase) if relabel_train else (),
   )

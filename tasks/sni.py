@@ -53,10 +53,11 @@ def register_sni_layout(
     list_aliases: Optional[Mapping[str, str]] = None,
     balanced_demos: bool = False,
     relabel_pool: Sequence[str] = (),
+    permute_alphabets: Sequence[str] = (),
 ) -> Dict[str, List[str]]:
   """Registers tasks + mixtures for an S-NI-layout directory; returns {mixture: tasks}.
 
-  balanced_demos / relabel_pool: see `fewshot.HyperConfig.balanced` / `.relabel_pool`.
+  balanced_demos / relabel_pool / permute_alphabets: see `fewshot.HyperConfig`.
 
   In "concat" mode the downstream budget is max_hyper_length + max_inputs_length
   (1024 + 384 = 1408, the T5-MTF-Few-shot length of HyperT5 appendix A).
@@ -90,7 +91,8 @@ def register_sni_layout(
           max_hyper_length=max_hyper_length,
           max_inputs_length=(max_inputs_length + max_hyper_length if mode == "concat"
                              else max_inputs_length),
-          balanced=balanced_demos, relabel_pool=tuple(relabel_pool))
+          balanced=balanced_demos, relabel_pool=tuple(relabel_pool),
+          permute_alphabets=tuple(permute_alphabets))
       sizes = {}
       for t in train_tasks + test_tasks:
         name = f"{variant}.{common.safe_name(t.name)}"

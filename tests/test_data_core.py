@@ -3,6 +3,7 @@
 import logging
 import os
 import random
+import string
 
 import numpy as np
 import pytest
@@ -158,6 +159,39 @@ def test_relabel_pool_gives_fresh_label_words_shared_by_the_demonstrations():
   with pytest.raises(ValueError, match="relabel_pool has 1 words"):
     list(fewshot.ExampleBuilder(task, fewshot.HyperConfig(k=2, relabel_pool=("A",)), T)
          .examples("train"))
+
+
+def test_permute_alphabets_applies_one_letter_permutation_per_training_example():
+  """permute_alphabets: every training example (with demonstrations) of a generation task
+  has one random letter permutation applied to its query, target and demonstrations, and
+  capitals follow their small letters; classification tasks and evaluation are untouched."""
+  train = [fewshot.TaskExample(s, (s + "q",)) for s in ("ab", "cd", "ef", "gh", "ij", "kl")]
+  task = fewshot.TaskData("append_q", {"train": train, "test": train[:2]})
+  alphabets = (string.ascii_lowercase, string.ascii_uppercase)
+  cfg = fewshot.HyperConfig(k=2, use_instruction=False, permute_alphabets=alphabets)
+  endings = set()
+  for e in fewshot.ExampleBuilder(task, cfg, T).examples("train"):
+    query, target = e["inputs"], e["targets"]
+    assert len(target) == 3 and target[:2] == query  # still "append one letter"
+    demos = [[s.strip() for s in part.split("<y>")] for part in e["hyper_inputs"].split("<x>")[1:]]
+    assert len(demos) == 2 and all(y == x + target[2] for x, y in demos)  # the same ending
+    endings.add(target[2])
+  assert len(endings) >= 4  # a fresh permutation per example (6 examples)
+  upper = fewshot.TaskData("upper", {"train": [fewshot.TaskExample(s, (s.upper(),)) for s in
+                                               ("ab", "cd", "ef", "gh")]})
+  exs = list(fewshot.ExampleBuilder(upper, cfg, T).examples("train"))
+  assert all(e["targets"] == e["inputs"].upper() for e in exs)
+  assert {e["inputs"] for e in exs} != {"ab", "cd", "ef", "gh"}
+  plain = fewshot.HyperConfig(k=2, use_instruction=False)
+  assert [e["targets"] for e in fewshot.ExampleBuilder(task, cfg, T).examples("test")] == \
+      [e["targets"] for e in fewshot.ExampleBuilder(task, plain, T).examples("test")] == ["abq", "cdq"]
+  cls = [fewshot.TaskExample(s, (["no", "yes"][i % 2],), ("no", "yes"), i % 2)
+         for i, s in enumerate(("ab", "cd", "ef", "gh"))]
+  cls_task = fewshot.TaskData("cls", {"train": cls})
+  assert [e["inputs"] for e in fewshot.ExampleBuilder(cls_task, cfg, T).examples("train")] == \
+      ["ab", "cd", "ef", "gh"]
+  with pytest.raises(ValueError, match="permute_alphabets"):
+    fewshot.HyperConfig(permute_alphabets=("abc", "AB"))
 
 
 def test_hyper_config_validation():

@@ -116,7 +116,7 @@ def test_transformation_tasks_get_many_training_strings():
 
 
 def test_default_suite_has_many_tasks_per_transformation_family(suite):
-  """Suite version 7: 40 tasks per transformation family (1,600 strings), each with its own
+  """Since suite version 7: 40 tasks per transformation family (1,600 strings), each with its own
   parameter where the family has enough of them. With 8 tasks a model remembered the 8
   endings of `append` (94% EM on new queries of seen tasks, 3% on new tasks)."""
   config = builtin_suite.SuiteConfig()  # the `suite` fixture's
@@ -135,15 +135,17 @@ def test_default_suite_has_many_tasks_per_transformation_family(suite):
                               for f in compositions)
 
 
-def test_contains_tasks_use_three_letters(suite):
-  """`contains` draws its strings from 3 letters, so that a demonstration without the letter
-  usually shows the other two and one demonstration per class determines the letter for
-  most queries (70%; with 6 letters 28%)."""
-  tasks = [t for t in suite["tasks"].values() if _family(t) == "contains"]
-  assert tasks
-  for t in tasks:
-    letters = {c for inst in t["Instances"] for c in inst["input"]}
-    assert len(letters) <= 3 and t["hypertune_params"]["params"][-1] in letters, letters
+def test_letter_parameter_families_use_three_letters(suite):
+  """`contains` and `remove_letter` draw their strings from 3 letters, so that the
+  demonstrations usually show the hidden letter: one demonstration per class determines the
+  `contains` letter for 70% of queries (6 letters: 28%), and two demonstrations the removed
+  letter for 98% (6 letters: 79%)."""
+  for family in ("contains", "remove_letter"):
+    tasks = [t for t in suite["tasks"].values() if _family(t) == family]
+    assert tasks, family
+    for t in tasks:
+      letters = {c for inst in t["Instances"] for c in inst["input"]}
+      assert len(letters) <= 3 and t["hypertune_params"]["params"][-1] in letters, letters
 
 
 def test_written_files_follow_sni_schema(registered):
@@ -157,7 +159,7 @@ def test_written_files_follow_sni_schema(registered):
     assert sni.is_english(raw) and len(raw["Positive Examples"]) == 2
 
 
-def test_write_reuses_cache_and_refuses_foreign_dir(tmp_path):
+def test_write_reuses_cache_and_refuses_foreign_dir(tmp_path, monkeypatch):
   d = str(tmp_path / "s")
   builtin_suite.write_suite(d, seed=1, config=SMALL)
   mtime = os.path.getmtime(os.path.join(d, "MANIFEST.json"))
@@ -165,6 +167,12 @@ def test_write_reuses_cache_and_refuses_foreign_dir(tmp_path):
   assert os.path.getmtime(os.path.join(d, "MANIFEST.json")) == mtime
   builtin_suite.write_suite(d, seed=2, config=SMALL)  # stale suite: replaced
   assert json.load(open(os.path.join(d, "MANIFEST.json")))["seed"] == 2
+  # Written by an edited generator (same version, seed and sizes): replaced as well.
+  (tmp_path / "s" / "tasks" / "marker.json").write_text("{}")
+  monkeypatch.setattr(builtin_suite, "_generator_digest", lambda: "edited")
+  builtin_suite.write_suite(d, seed=2, config=SMALL)
+  assert json.load(open(os.path.join(d, "MANIFEST.json")))["generator"] == "edited"
+  assert not (tmp_path / "s" / "tasks" / "marker.json").exists()
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("keep")
   with pytest.raises(FileExistsError, match="refusing"):
@@ -209,8 +217,8 @@ def test_suite_sizes_come_from_gin(tmp_path):
     gin.clear_config()
   with open(os.path.join(d, "MANIFEST.json")) as f:
     assert json.load(f)["config"] == json.loads(json.dumps(sizes))  # tuples as lists
-  # 5 transforms x 2 + 4 compositions x 1 + 8 rule-tasks (weights 3+2+1+1+1) x 1
-  assert len(mixtures["gin_sized_zeroshot_train"]) == 10 + 4 + 8
+  # 5 transforms x 2 + 4 compositions x 1 + 4 rule-tasks (weights 3+1) x 1
+  assert len(mixtures["gin_sized_zeroshot_train"]) == 10 + 4 + 4
   assert builtin_suite.SuiteConfig() == builtin_suite.SuiteConfig(tasks_per_rule=60)
 
 
@@ -344,3 +352,28 @@ def test_train_families_restricts_training_and_keeps_held_out(tmp_path):
       assert ex["targets"] in builtin_suite.TRAIN_LABEL_WORDS
     held_choices = {tuple(e["answer_choices"]) for e in common.get_builder(name).examples("validation")}
     assert held_choices == {source.splits["validation"][0].answer_choices}
+
+
+def test_relabel_train_permutes_the_letters_of_transformation_examples(tmp_path):
+  """relabel_train: every training example of an `append` task shows its own ending (a
+  fresh letter permutation), in its demonstrations and target alike; validation keeps the
+  task's ending, so a model has to read it off the demonstrations."""
+  only = dataclasses.replace(SMALL, train_families=("append",))
+  mixtures = builtin.register_builtin_suite(
+      data_dir=str(tmp_path / "s"), config=only, k=2, hyper_modes=("concat",),
+      num_validation=2, prefix="append_only", relabel_train=True)
+  for name in mixtures["append_only_concat_train"]:
+    builder = common.get_builder(name)
+    suffix = builder.task.splits["validation"][0].outputs[0][len(
+        builder.task.splits["validation"][0].inputs):]
+    endings = set()
+    for ex in builder.examples("train"):
+      *demos, query = [part.strip() for part in ex["inputs"].split("\x1e")[1:]]
+      ending = ex["targets"][len(query):]
+      assert ex["targets"] == query + ending and len(ending) == len(suffix)
+      for demo in demos:
+        x, y = [s.strip() for s in demo.split("\x1f")]
+        assert y == x + ending
+      endings.add(ending)
+    assert len(endings) > 1
+    assert all(ex["targets"].endswith(suffix) for ex in builder.examples("validation"))

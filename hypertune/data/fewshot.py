@@ -113,6 +113,12 @@ class HyperConfig:
   # fresh label words from this pool, shared by its demonstrations (symbol tuning over a
   # fixed pool), so that tasks cannot be memorised and the pairing must be read.
   relabel_pool: Tuple[str, ...] = ()
+  # Non-empty: each training example of a generation task (no answer choices, with
+  # demonstrations) draws one random permutation of character positions and applies it to
+  # every alphabet given (("abc...z", "ABC...Z"): a -> q and A -> Q alike) in its input,
+  # target and demonstrations, so that a task's parameter (an ending, a letter to delete)
+  # cannot be memorised either and has to be read off the demonstrations.
+  permute_alphabets: Tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.hyper_mode not in HYPER_MODES:
@@ -121,6 +127,10 @@ class HyperConfig:
       raise ValueError(f"demos must be one of {DEMO_SOURCES}, got {self.demos!r}")
     if not 0 <= self.k <= MAX_K:
       raise ValueError(f"k must be in [0, {MAX_K}], got {self.k}")
+    sizes = {len(a) for a in self.permute_alphabets}
+    if len(sizes) > 1 or any(len(set(a)) != len(a) for a in self.permute_alphabets):
+      raise ValueError("permute_alphabets must be alphabets of one length without repeated "
+                       f"characters, got {self.permute_alphabets!r}")
 
 
 def stable_seed(*parts) -> int:
@@ -198,6 +208,18 @@ def _relabel_from_pool(ex: TaskExample, demos: Sequence[Demonstration],
   words = rng.sample(list(label_pool), len(choices))
   new_word = dict(zip(choices, words))
   return relabel(ex, words), [(x, new_word.get(y, y)) for x, y in demos]
+
+
+def _permute_characters(ex: TaskExample, demos: Sequence[Demonstration],
+                        alphabets: Sequence[str], rng: random.Random
+                        ) -> Tuple[TaskExample, List[Demonstration]]:
+  """`ex` and its demonstrations with one random permutation applied to every alphabet."""
+  order = list(range(len(alphabets[0])))
+  rng.shuffle(order)
+  table = str.maketrans({a[i]: a[j] for a in alphabets for i, j in enumerate(order)})
+  ex = dataclasses.replace(ex, inputs=ex.inputs.translate(table),
+                           outputs=tuple(o.translate(table) for o in ex.outputs))
+  return ex, [(x.translate(table), y.translate(table)) for x, y in demos]
 
 
 class TruncationStats:
@@ -325,6 +347,10 @@ class ExampleBuilder:
         if need_demos and c.relabel_pool and ex.answer_choices:
           ex, demos = _relabel_from_pool(ex, demos, c.relabel_pool, relabel_rng)
           target = ex.outputs[0]
+        elif need_demos and c.permute_alphabets and not ex.answer_choices:
+          permuted, demos = _permute_characters(ex, demos, c.permute_alphabets, relabel_rng)
+          target = permuted.outputs[ex.outputs.index(target)]
+          ex = permuted
         yield self._assemble(ex, target, demos, i, stats)
     else:
       demos = self.eval_demonstrations() if need_demos else []
