@@ -30,7 +30,6 @@ targets 16 (see SUGGESTED_TASK_FEATURE_LENGTHS).
 
 from __future__ import annotations
 
-import string
 from typing import Dict, List, Optional, Sequence
 
 import gin
@@ -102,5 +101,6 @@ def register_builtin_suite(
       list_aliases={"test": "heldout"},
       balanced_demos=balanced_demos,
       relabel_pool=builtin_suite.TRAIN_LABEL_WORDS if relabel_train else (),
-      permute_alphabets=(string.ascii_lowercase, string.ascii_uppercase) if relabel_train else (),
+      permute_alphabets=((builtin_suite.LETTERS, builtin_suite.LETTERS.upper()) if relabel_train
+                         else ()),
   )

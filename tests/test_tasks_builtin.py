@@ -364,8 +364,8 @@ def test_relabel_train_permutes_the_letters_of_transformation_examples(tmp_path)
       num_validation=2, prefix="append_only", relabel_train=True)
   for name in mixtures["append_only_concat_train"]:
     builder = common.get_builder(name)
-    suffix = builder.task.splits["validation"][0].outputs[0][len(
-        builder.task.splits["validation"][0].inputs):]
+    held = builder.task.splits["validation"][0]
+    suffix = held.outputs[0][len(held.inputs):]
     endings = set()
     for ex in builder.examples("train"):
       *demos, query = [part.strip() for part in ex["inputs"].split("\x1e")[1:]]
