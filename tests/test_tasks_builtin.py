@@ -67,6 +67,19 @@ def test_heldout_never_in_training(suite):
   assert len(splits["train"]) >= 90 and len(all_heldout) >= 30
 
 
+def test_composition_split_is_the_same_for_every_seed(suite):
+  """A seed draws parameters, not the split: new tasks of the training families (seed 1)
+  are tasks of the same compositions. (Drawn per seed, seed 1's "training" compositions
+  included `double_then_uppercase`, held out at seed 0.)"""
+  def compositions(s, split):
+    return {_family(s["tasks"][n]) for n in s["splits"][split] if "+" in _family(s["tasks"][n])}
+  other = builtin_suite.generate_suite(seed=1)
+  for split, pairs in (("train", builtin_suite.TRAIN_COMPOSITIONS),
+                       ("heldout_compositions", builtin_suite.HELDOUT_COMPOSITIONS)):
+    assert compositions(suite, split) == compositions(other, split) == {
+        f"{a}+{b}" for a, b in pairs}
+
+
 def test_tasks_need_demonstrations(suite):
   """Tasks of one family disagree on some input: only demos tell which task it is."""
   tasks = suite["tasks"]
@@ -126,7 +139,7 @@ def test_default_suite_has_many_tasks_per_transformation_family(suite):
     if "hypertune_answer_choices" not in t:
       params[_family(t)].append(t["hypertune_params"]["params"])
   for t in builtin_suite.TRAIN_TRANSFORMS:
-    assert len(params[t.name]) == config.tasks_per_transform >= 40, t.name
+    assert len(params[t.name]) == config.tasks_per_transform * t.weight >= 40, t.name
     assert len(params[t.name]) * config.transform_train_instances >= 1600, t.name
   assert len(set(params["append"])) == len(params["append"])  # an ending per task
   assert len(set(params["remove_letter"])) >= 20
@@ -139,13 +152,22 @@ def test_letter_parameter_families_use_three_letters(suite):
   """`contains` and `remove_letter` draw their strings from 3 letters, so that the
   demonstrations usually show the hidden letter: one demonstration per class determines the
   `contains` letter for 70% of queries (6 letters: 28%), and two demonstrations the removed
-  letter for 98% (6 letters: 79%)."""
+  letter for 98% (6 letters: 79%). Compositions ending in `remove_letter` drew from all 26
+  letters until version 9: two demonstrations determined 10-21% of their answers, now 77-100%."""
   for family in ("contains", "remove_letter"):
     tasks = [t for t in suite["tasks"].values() if _family(t) == family]
     assert tasks, family
     for t in tasks:
       letters = {c for inst in t["Instances"] for c in inst["input"]}
       assert len(letters) <= 3 and t["hypertune_params"]["params"][-1] in letters, letters
+  # So do compositions with `remove_letter`, first or second (params "n=2;remove=c").
+  compositions = [t for t in suite["tasks"].values() if "remove_letter+" in _family(t)
+                  or _family(t).endswith("+remove_letter")]
+  assert len(compositions) >= 60
+  for t in compositions:
+    letters = {c for inst in t["Instances"] for c in inst["input"]}
+    removed = t["hypertune_params"]["params"].split("remove=")[1][0]
+    assert len(letters) <= 3 and removed in letters, (t["hypertune_params"], letters)
 
 
 def test_written_files_follow_sni_schema(registered):
@@ -217,8 +239,9 @@ def test_suite_sizes_come_from_gin(tmp_path):
     gin.clear_config()
   with open(os.path.join(d, "MANIFEST.json")) as f:
     assert json.load(f)["config"] == json.loads(json.dumps(sizes))  # tuples as lists
-  # 5 transforms x 2 + 4 compositions x 1 + 4 rule-tasks (weights 3+1) x 1
-  assert len(mixtures["gin_sized_zeroshot_train"]) == 10 + 4 + 4
+  # 6 transform-tasks (remove_letter weighs 2) x 2 + 4 compositions x 1 + 4 rule-tasks
+  # (weights 3+1) x 1
+  assert len(mixtures["gin_sized_zeroshot_train"]) == 12 + 4 + 4
   assert builtin_suite.SuiteConfig() == builtin_suite.SuiteConfig(tasks_per_rule=60)
 
 

@@ -13,7 +13,7 @@ per task from a small pool of 28 one-character words, capitals and digits (8 mor
 out), so every word serves many tasks in both roles; token mappings (`letter_word`: one
 letter -> its word, in-context learning's simplest form). Strings are 3-5 letters (targets
 <= 12 bytes) so that a tiny byte-level T5 learns the training families on 2 CPU cores in 30
-minutes (`gin/quickstart/families.gin`). Transformation tasks are many (300 of 40 strings,
+minutes (`gin/quickstart/families.gin`). Transformation tasks are many (340 of 40 strings,
 1,600 strings per family): with 160 strings per family (8 tasks of 20) a tiny model memorises
 them instead of learning to copy, and with few tasks it remembers their parameters instead of
 reading them.
@@ -62,7 +62,10 @@ from hypertune.data import fewshot
 # than remembered for a handful of tasks; `contains` over 3 letters instead of 6.
 # 8: `first_letter`, `contains` and `length_parity` held out (`last_letter` dropped),
 # `remove_letter` over three letters.
-SUITE_VERSION = 8
+# 9: the composition split fixed for every seed (it was drawn per seed, so another seed's
+# "training" compositions included held-out ones); compositions with `remove_letter` second
+# draw their strings from its three letters; twice as many `remove_letter` tasks.
+SUITE_VERSION = 9
 LETTERS = string.ascii_lowercase
 VOWELS = set("aeiou")
 
@@ -97,7 +100,8 @@ class Transform:
   name: str
   definition: str
   make: Callable[[random.Random], Tuple[str, Fn, Optional[str]]]
-  composable: bool = True
+  # Tasks per family, in units of SuiteConfig.tasks_per_transform.
+  weight: int = 1
 
 
 def _alphabet(rng, n):
@@ -147,12 +151,29 @@ TRAIN_TRANSFORMS = (
     Transform("first_n", "Keep only the first few letters.", _first_n),
     Transform("double", "Write every letter twice.", _double),
     Transform("append", "Add the same ending to the string.", _append),
-    Transform("remove_letter", "Delete every copy of one letter.", _remove_letter),
+    # Twice as many tasks: the slowest single transformation to learn (it compares a
+    # demonstration's input with its output to find the deleted letter).
+    Transform("remove_letter", "Delete every copy of one letter.", _remove_letter, weight=2),
     Transform("uppercase", "Write the string in capitals.", _upper),
 )
 HELDOUT_TRANSFORMS = (
     Transform("last_n", "Keep only the last few letters.", _last_n),
     Transform("prepend", "Add the same beginning to the string.", _prepend),
+)
+# Compositions (first, then second) of the training transforms, `uppercase` only second (the
+# others act on small letters). The split is fixed, as the families' is: a seed draws the
+# tasks' parameters, never which compositions are seen, so that new tasks of the training
+# families (another seed) are tasks of the same 10 compositions. SuiteConfig's
+# num_train_compositions / num_heldout_compositions take the first ones of each list.
+TRAIN_COMPOSITIONS = (
+    ("first_n", "remove_letter"), ("remove_letter", "first_n"), ("double", "first_n"),
+    ("first_n", "double"), ("first_n", "append"), ("remove_letter", "append"),
+    ("remove_letter", "double"), ("double", "remove_letter"), ("remove_letter", "uppercase"),
+    ("append", "remove_letter"),
+)
+HELDOUT_COMPOSITIONS = (
+    ("first_n", "uppercase"), ("append", "double"), ("double", "uppercase"),
+    ("double", "append"), ("append", "first_n"), ("append", "uppercase"),
 )
 
 
@@ -226,7 +247,7 @@ HELDOUT_RULES = (
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SuiteConfig:
-  """Sizes of the generated suite (defaults: 540 training tasks, 103 held-out); gin sets
+  """Sizes of the generated suite (defaults: 580 training tasks, 103 held-out); gin sets
   them (`SuiteConfig.tasks_per_rule = 30`).
 
   Many tasks per family (each with its own hidden parameters and label words) so that
@@ -381,36 +402,33 @@ def generate_suite(seed: int = 0, config: Optional[SuiteConfig] = None) -> Dict[
           choices=words, category="Classification")
 
   def composition_tasks(split, pairs, n_inst):
-    for a, b in pairs:
+    by_name = {t.name: t for t in TRAIN_TRANSFORMS}
+    for a, b in ((by_name[x], by_name[y]) for x, y in pairs):
       seen = set()
       for j in range(config.tasks_per_composition):
         make = lambda r: (lambda x, y: (f"{x[0]};{y[0]}", (x, y), None))(a.make(r), b.make(r))
-        rng, (_, ((pa, fa, alpha), (pb, fb, _)), _) = distinct(
+        rng, (_, ((pa, fa, alpha_a), (pb, fb, alpha_b)), _) = distinct(
             seen, make, "c", a.name, b.name, split, j)
         fn = lambda s, fa=fa, fb=fb: fb(fa(s)) or "-"
+        # Either part's alphabet (remove_letter's three letters): over all 26 letters the
+        # deleted letter would hardly ever show in the demonstrations or the query.
         add(split, f"{a.name}_then_{b.name}", f"{a.definition} Then: {b.definition}",
-            _transform_instances(rng, fn, alpha, n_inst + 2, config),
+            _transform_instances(rng, fn, alpha_a or alpha_b, n_inst + 2, config),
             {"family": f"{a.name}+{b.name}", "params": f"{pa};{pb}"})
 
   n_tr, n_tr_transform = config.train_instances, config.transform_train_instances
   n_ho = config.heldout_instances + config.heldout_demo_pool
   for t in TRAIN_TRANSFORMS:
-    transform_tasks("train", t, config.tasks_per_transform, n_tr_transform)
-  # Compositions: uppercase only last (other transforms act on lowercase letters).
-  comp = [t for t in TRAIN_TRANSFORMS if t.composable]
-  pairs = [(a, b) for a in comp for b in comp if a is not b and a.name != "uppercase"]
-  random.Random(fewshot.stable_seed("pairs", SUITE_VERSION, seed)).shuffle(pairs)
-  train_pairs = pairs[: config.num_train_compositions]
-  heldout_pairs = pairs[config.num_train_compositions:
-                        config.num_train_compositions + config.num_heldout_compositions]
-  composition_tasks("train", train_pairs, n_tr_transform)
+    transform_tasks("train", t, config.tasks_per_transform * t.weight, n_tr_transform)
+  composition_tasks("train", TRAIN_COMPOSITIONS[:config.num_train_compositions], n_tr_transform)
   for r in TRAIN_RULES:
     rule_tasks("train", r, config.tasks_per_rule * r.weight, n_tr, TRAIN_LABEL_WORDS)
   for t in HELDOUT_TRANSFORMS:
     transform_tasks("heldout_families", t, config.heldout_tasks_per_family, n_ho)
   for r in HELDOUT_RULES:
     rule_tasks("heldout_families", r, config.heldout_tasks_per_family, n_ho, TRAIN_LABEL_WORDS)
-  composition_tasks("heldout_compositions", heldout_pairs, n_ho)
+  composition_tasks("heldout_compositions",
+                    HELDOUT_COMPOSITIONS[:config.num_heldout_compositions], n_ho)
   for r in TRAIN_RULES:
     rule_tasks("heldout_label_words", r, config.heldout_label_word_tasks_per_rule, n_ho,
                HELDOUT_LABEL_WORDS)
