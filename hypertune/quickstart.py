@@ -81,7 +81,7 @@ def summary_rows(results_by_stage, subsets):
     for _, subset, metric in COLUMNS:
       keep = set(subsets[subset]) if subset else set().union(
           *(v for k, v in subsets.items() if k != "train_sample"))
-      # Result keys are "<variant>.<source task>", e.g. "builtin_zeroshot.task581_last_n".
+      # Result keys are "<variant>.<source task>", e.g. "builtin_zeroshot.task501_last_n".
       vals = [r[metric] for task, r in results.items()
               if task != "average" and metric in r and
               task.split(".", 1)[-1] in keep]

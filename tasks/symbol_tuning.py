@@ -1,7 +1,7 @@
 """seqio registry for symbol tuning over already-registered classification tasks.
 
 `register_symbol_tuning(source_tasks)` registers, for each source task ``<src>``
-(registered through tasks.common, e.g. ``builtin.task521_longer_than`` or
+(registered through tasks.common, e.g. ``builtin.task441_longer_than`` or
 ``metaicl_hr_to_lr.glue_sst2``):
 
 * ``symbol.<src>`` - training split(s) relabelled per example (fresh mapping each
