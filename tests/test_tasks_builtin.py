@@ -78,6 +78,10 @@ def test_composition_split_is_the_same_for_every_seed(suite):
                        ("heldout_compositions", builtin_suite.HELDOUT_COMPOSITIONS)):
     assert compositions(suite, split) == compositions(other, split) == {
         f"{a}+{b}" for a, b in pairs}
+  # Each part of a held-out composition is seen in the same position in a training one.
+  for a, b in builtin_suite.HELDOUT_COMPOSITIONS:
+    assert a in {x for x, _ in builtin_suite.TRAIN_COMPOSITIONS}, a
+    assert b in {y for _, y in builtin_suite.TRAIN_COMPOSITIONS}, b
 
 
 def test_tasks_need_demonstrations(suite):

@@ -13,10 +13,10 @@ parity, ...) with label words drawn per task from a small pool of 28 one-charact
 capitals and digits (8 more are held out), so every word serves many tasks in both roles;
 token mappings (`letter_word`: one letter -> its word, in-context learning's simplest form).
 Strings are 3-5 letters (targets <= 12 bytes) so that a tiny byte-level T5 learns the
-training families on 2 CPU cores in 30 minutes (`gin/quickstart/families.gin`). Transformation tasks are many (260 of 40 strings,
-1,600 strings per family): with 160 strings per family (8 tasks of 20) a tiny model memorises
-them instead of learning to copy, and with few tasks it remembers their parameters instead of
-reading them.
+training families on 2 CPU cores in 30 minutes (`gin/quickstart/families.gin`).
+Transformation tasks are many (260 of 40 strings, 1,600 strings per family): with 160
+strings per family (8 tasks of 20) a tiny model memorises them instead of learning to copy,
+and with few tasks it remembers their parameters instead of reading them.
 Classification tasks are many and small (240 of 20 instances), so that memorising them is
 slow. It remains possible: HyperT5 trained only on the 180 `letter_word` tasks for 1,500
 steps memorises them. It then reaches 99% training token accuracy but stays at chance on new
@@ -407,8 +407,8 @@ def generate_suite(seed: int = 0, config: Optional[SuiteConfig] = None) -> Dict[
         rng, (_, ((pa, fa, alpha_a), (pb, fb, alpha_b)), _) = distinct(
             seen, make, "c", a.name, b.name, split, j)
         fn = lambda s, fa=fa, fb=fb: fb(fa(s)) or "-"
-        # Either part's alphabet: over all 26 letters a letter parameter of the second part
-        # (remove_letter's) would hardly ever show in the demonstrations or the query.
+        # Either part's alphabet: a letter parameter drawn from a few letters (as
+        # remove_letter's) hardly ever shows in strings over all 26.
         add(split, f"{a.name}_then_{b.name}", f"{a.definition} Then: {b.definition}",
             _transform_instances(rng, fn, alpha_a or alpha_b, n_inst + 2, config),
             {"family": f"{a.name}+{b.name}", "params": f"{pa};{pb}"})
