@@ -12,6 +12,8 @@ Conventions follow the papers hypertune reproduces:
 * Classification tasks use rank classification (the P3 / T0 protocol): every
   answer choice is scored by the model's total target log-likelihood and the
   highest-scoring choice is the prediction.
+* P3's headline number (HyperT5 Tables 1-2, T0) is a mean over 8 datasets, each the mean
+  over its templates (ANLI over its rounds): :func:`aggregate_task_metrics` adds it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from hypertune.data import p3 as p3_data
+
 __all__ = [
     "normalize_answer",
     "rouge_l",
@@ -32,6 +36,7 @@ __all__ = [
     "macro_f1",
     "accuracy",
     "seed_groups",
+    "p3_heldout_groups",
     "aggregate_task_metrics",
 ]
 
@@ -234,53 +239,95 @@ def seed_groups(task_names: Sequence[str]) -> Dict[str, List[str]]:
     return {g: [name for _, name in sorted(members)] for g, members in groups.items()}
 
 
-def aggregate_task_metrics(
-    per_task: Mapping[str, Mapping[str, float]],
-    weights: Optional[Mapping[str, float]] = None,
-) -> Dict[str, Dict[str, float]]:
-    """Adds per-source seed averages and an ``average`` entry over tasks.
-
-    Seed relabellings of one source task (see :func:`seed_groups`) get an entry
-    ``symbol_avg.<src>``: ``{metric: mean over seeds, "<metric>/std": population std,
-    "<metric>/num_seeds": n}``, and count once in ``average`` (through that mean), so a
-    source task with 10 evaluation seeds weighs as much as a task evaluated once.
+def p3_heldout_groups(task_names: Sequence[str]) -> Dict[str, Dict[str, List[str]]]:
+    """P3 held-out templates by mode and dataset.
 
     Args:
-      per_task: {task_name: {metric_name: value}}.  Tasks may report different
-        metrics (e.g. rank classification vs generation); each metric is averaged
-        over the tasks that report it, and ``average/num_tasks`` records how many
-        (a seed group counting one).
-      weights: optional {task_name: weight}, e.g. example counts for a micro average;
-        a seed group weighs the mean of its seeds' weights.
+      task_names: any task names; only held-out ones (``<mode prefix>.<dataset>_<template>``,
+        see :func:`hypertune.data.p3.parse_heldout_task_name`) are kept.
 
     Returns:
-      A copy of ``per_task`` plus the ``symbol_avg.<src>`` entries and
-      ``{"average": {metric: mean, ...}}``.
+      {mode prefix ("p3", "p3_concat", "p3_zeroshot"): {dataset key: [its template tasks]}},
+      in order of first appearance: modes are never mixed.
     """
-    if "average" in per_task:
-        raise ValueError("'average' is reserved for the aggregate and cannot be a task name")
-    groups = seed_groups(list(per_task))
-    clash = sorted(set(groups) & set(per_task))
-    if clash:
-        raise ValueError(f"{clash[0]!r} is reserved for a seed average and cannot be a task name")
-    grouped = {t for members in groups.values() for t in members}
-    out = {task: dict(m) for task, m in per_task.items()}
-    # Averaging units: each ungrouped task, and each seed group through its seed means.
-    units = {t: m for t, m in per_task.items() if t not in grouped}
-    unit_weights = {t: 1.0 if weights is None else float(weights[t]) for t in units}
-    for group, members in groups.items():
-        values: Dict[str, List[float]] = collections.defaultdict(list)
-        for t in members:
-            for name, value in per_task[t].items():
-                values[name].append(float(value))
-        stats: Dict[str, float] = {name: float(np.mean(v)) for name, v in values.items()}
-        for name, v in values.items():
-            stats[f"{name}/std"] = float(np.std(v))
-            stats[f"{name}/num_seeds"] = len(v)
-        out[group] = stats
-        units[group] = {name: stats[name] for name in values}
-        unit_weights[group] = (1.0 if weights is None
-                               else float(np.mean([float(weights[t]) for t in members])))
+    groups: Dict[str, Dict[str, List[str]]] = {}
+    for name in task_names:
+        parsed = p3_data.parse_heldout_task_name(name)
+        if parsed:
+            prefix, key, _ = parsed
+            groups.setdefault(prefix, {}).setdefault(key, []).append(name)
+    return groups
+
+
+def _means(members: Sequence[Mapping[str, float]]) -> Tuple[Dict[str, float], Dict[str, int]]:
+    """({metric: unweighted mean over the members reporting it}, {metric: how many})."""
+    values: Dict[str, List[float]] = collections.defaultdict(list)
+    for m in members:
+        for name, value in m.items():
+            values[name].append(float(value))
+    return ({name: float(np.mean(v)) for name, v in values.items()},
+            {name: len(v) for name, v in values.items()})
+
+
+def _counted(means: Mapping[str, float], counts: Mapping[str, int], what: str) -> Dict[str, float]:
+    """``{metric: mean, "<metric>/<what>": count}``."""
+    return {**means, **{f"{name}/{what}": n for name, n in counts.items()}}
+
+
+def _p3_mode_entries(prefix: str, datasets: Mapping[str, Sequence[str]],
+                     per_task: Mapping[str, Mapping[str, float]]):
+    """The P3 entries of one mode, as the papers' P3 tables compute them.
+
+    Returns (entries, columns, members): ``entries`` for the results
+    (``<prefix>_dataset.<key>`` per dataset, ``<prefix>_dataset.anli`` over the rounds and
+    ``<prefix>_average`` over the columns); ``columns``: {column entry: metric means}, the
+    averaging units; ``members``: {column entry: its template tasks}.
+    """
+    entries: Dict[str, Dict[str, float]] = {}
+    dataset_means: Dict[str, Dict[str, float]] = {}
+    for key, names in datasets.items():
+        means, counts = _means([per_task[t] for t in names])
+        entries[f"{prefix}_dataset.{key}"] = _counted(means, counts, "num_templates")
+        dataset_means[key] = means
+    columns: Dict[str, Dict[str, float]] = {}
+    members: Dict[str, List[str]] = {}
+    for column in p3_data.PAPER_COLUMNS:
+        keys = [k for k in datasets if p3_data.paper_column(k) == column]
+        if not keys:
+            continue
+        entry = f"{prefix}_dataset.{column}"
+        members[entry] = [t for k in keys for t in datasets[k]]
+        if keys == [column]:  # a column of one dataset: its entry is the column
+            columns[entry] = dataset_means[column]
+            continue
+        # ANLI: the unweighted mean of its rounds, each the mean over its templates.
+        means, rounds = _means([dataset_means[k] for k in keys])
+        _, templates = _means([per_task[t] for t in members[entry]])
+        entries[entry] = {**_counted(means, rounds, "num_rounds"),
+                          **_counted({}, templates, "num_templates")}
+        columns[entry] = means
+    means, counts = _means(list(columns.values()))
+    entries[f"{prefix}_average"] = _counted(means, counts, "num_datasets")
+    return entries, columns, members
+
+
+def _seed_entry(names: Sequence[str], per_task: Mapping[str, Mapping[str, float]]):
+    """(``{metric: mean over seeds, "<metric>/std", "<metric>/num_seeds"}``, metric means)."""
+    values: Dict[str, List[float]] = collections.defaultdict(list)
+    for t in names:
+        for name, value in per_task[t].items():
+            values[name].append(float(value))
+    means = {name: float(np.mean(v)) for name, v in values.items()}
+    stats: Dict[str, float] = dict(means)
+    for name, v in values.items():
+        stats[f"{name}/std"] = float(np.std(v))
+        stats[f"{name}/num_seeds"] = len(v)
+    return stats, means
+
+
+def _weighted_average(units: Mapping[str, Mapping[str, float]],
+                      unit_weights: Mapping[str, float]) -> Dict[str, float]:
+    """{metric: weighted mean over the units reporting it, "<metric>/num_tasks": count}."""
     sums: Dict[str, float] = collections.defaultdict(float)
     norms: Dict[str, float] = collections.defaultdict(float)
     counts: Dict[str, int] = collections.defaultdict(int)
@@ -290,7 +337,79 @@ def aggregate_task_metrics(
             sums[name] += w * float(value)
             norms[name] += w
             counts[name] += 1
-    out["average"] = {name: sums[name] / norms[name] for name in sums if norms[name] > 0}
+    out = {name: sums[name] / norms[name] for name in sums if norms[name] > 0}
     for name in sums:
-        out["average"][f"{name}/num_tasks"] = counts[name]
+        out[f"{name}/num_tasks"] = counts[name]
+    return out
+
+
+def aggregate_task_metrics(
+    per_task: Mapping[str, Mapping[str, float]],
+    weights: Optional[Mapping[str, float]] = None,
+) -> Dict[str, Dict[str, float]]:
+    """Adds seed averages, P3 dataset columns and an ``average`` entry over tasks.
+
+    Seed relabellings of one source task (see :func:`seed_groups`) get an entry
+    ``symbol_avg.<src>``: ``{metric: mean over seeds, "<metric>/std": population std,
+    "<metric>/num_seeds": n}``, and count once in ``average`` (through that mean), so a
+    source task with 10 evaluation seeds weighs as much as a task evaluated once.
+
+    P3 held-out tasks (one per dataset and template, ``<mode>.<dataset>_<template>``; see
+    :func:`p3_heldout_groups`) are averaged as the HyperT5 and T0 P3 tables do, per mode
+    ``<mode>`` = ``p3`` / ``p3_concat`` / ``p3_zeroshot`` (modes are never mixed):
+
+    * ``<mode>_dataset.<dataset>`` (e.g. ``p3_dataset.anli_r1``, ``p3_dataset.super_glue_cb``):
+      ``{metric: unweighted mean over its templates, "<metric>/num_templates": n}``;
+    * ``<mode>_dataset.anli``: the unweighted mean of the ANLI rounds' entries (R1, R2, R3),
+      with ``"<metric>/num_rounds"`` and ``"<metric>/num_templates"`` (over all rounds);
+    * ``<mode>_average``: the unweighted mean over the 8 columns ANLI, HellaSwag, CB, COPA,
+      RTE, WiC, WSC, WinoGrande (``hypertune.data.p3.PAPER_COLUMNS``; ANLI counted once),
+      with ``"<metric>/num_datasets"`` (fewer than 8 when only some datasets were evaluated).
+
+    In ``average`` each column counts as one task, replacing its templates: when the
+    evaluated tasks are one mode's P3 held-out tasks (the P3 runs' evaluation mixture) and
+    there are no ``weights``, ``average`` equals ``<mode>_average``, the papers' Avg column,
+    so the trainer's logs show that number. Per-template entries are kept as they are.
+
+    Args:
+      per_task: {task_name: {metric_name: value}}.  Tasks may report different
+        metrics (e.g. rank classification vs generation); each metric is averaged
+        over the tasks that report it, and ``average/num_tasks`` records how many
+        (a seed group and a P3 column counting one).
+      weights: optional {task_name: weight}, e.g. example counts for a micro average;
+        a seed group or a P3 column weighs the mean of its tasks' weights (the
+        ``<mode>_*`` entries themselves are always unweighted).
+
+    Returns:
+      A copy of ``per_task`` plus the ``symbol_avg.<src>``, ``<mode>_dataset.<dataset>``
+      and ``<mode>_average`` entries and ``{"average": {metric: mean, ...}}``.
+    """
+    if "average" in per_task:
+        raise ValueError("'average' is reserved for the aggregate and cannot be a task name")
+    added: Dict[str, Dict[str, float]] = {}  # the seed and P3 entries
+    groups: Dict[str, Dict[str, float]] = {}  # averaging unit -> its metric means
+    members: Dict[str, List[str]] = {}  # averaging unit -> the tasks it stands for
+    for group, names in seed_groups(list(per_task)).items():
+        added[group], groups[group] = _seed_entry(names, per_task)
+        members[group] = names
+    for prefix, datasets in p3_heldout_groups(list(per_task)).items():
+        entries, columns, column_members = _p3_mode_entries(prefix, datasets, per_task)
+        added.update(entries)
+        groups.update(columns)
+        members.update(column_members)
+    clash = sorted(set(added) & set(per_task))
+    if clash:
+        raise ValueError(f"{clash[0]!r} is reserved for an aggregate (a seed average or a P3 "
+                         "dataset/average entry) and cannot be a task name")
+    out = {task: dict(m) for task, m in per_task.items()}
+    out.update(added)
+    grouped = {t for names in members.values() for t in names}
+    # Averaging units: each ungrouped task, then each group through its means.
+    units = {t: m for t, m in per_task.items() if t not in grouped}
+    units.update(groups)
+    members.update({t: [t] for t in per_task if t not in grouped})
+    unit_weights = {u: 1.0 if weights is None
+                    else float(np.mean([float(weights[t]) for t in members[u]]))
+                    for u in units}
+    out["average"] = _weighted_average(units, unit_weights)
     return out

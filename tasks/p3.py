@@ -4,15 +4,24 @@
 per hyper_mode (``p3`` = hyper, ``p3_concat`` = T5-MTF-Few-shot, ``p3_zeroshot`` =
 T5-MTF/T0):
 
-* held-out rank-classification tasks ``p3.<dataset>_<template>`` (split
-  "validation"; ANLI r1-r3, HellaSwag, CB, COPA, RTE, WiC, WSC, WinoGrande; by default
-  only templates with ``original_task: true`` and answer choices, as T0's evaluation),
+* held-out rank-classification tasks ``p3.<dataset>_<template>`` (their only split is
+  ``EVAL_SPLIT`` = "validation"; ANLI r1-r3, HellaSwag, CB, COPA, RTE, WiC, WSC,
+  WinoGrande; by default only templates with ``original_task: true`` and answer choices,
+  as T0's evaluation),
   mixtures ``p3_heldout`` and ``p3_heldout_<dataset>``. Fixed demonstrations are
   rendered with the same template from a disjoint file (SuperGLUE/WinoGrande train,
   ANLI test; HellaSwag: the last 64 validation examples, which are not evaluated).
 * training tasks ``p3.train.<dataset_prompt>`` from the prompted T0 training sample
   (``t0_train_sample/*.jsonl``), filtered to HyperT5's Figure 6 list, and the
   mixture ``p3_train`` (examples-proportional, capped).
+
+Token budgets come from the run's ``task_feature_lengths`` (gin: ``%TASK_FEATURE_LENGTHS``,
+as in gin/tasks/p3.gin): demonstrations are dropped whole to fit ``hyper_inputs`` (mode
+hyper) or, in concat mode, to fit the whole concatenated ``inputs`` with the query kept at
+its end; a T5-MTF-Few-shot run therefore sets ``inputs`` itself (e.g. 1408: HyperT5's
+1024 hyper + 384 inputs).
+Evaluation scores are averaged per dataset as the papers do by
+`hypertune.metrics.aggregate_task_metrics` (``p3_dataset.<dataset>``, ``p3_average``).
 
 `register_p3_tfrecords` accepts bigscience's released P3 TFRecord directories instead.
 """
@@ -22,22 +31,34 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import gin
 import seqio
 
+from hypertune.data import feature_converters
 from hypertune.data import fewshot
 from hypertune.data import p3
 from tasks import common
 from tasks.sni import variant_name
 
 
-def _config(mode, k, seed, max_hyper_length, max_inputs_length):
+# The held-out tasks' only split (T0 evaluates on validation); runs evaluating P3 set
+# train.eval_split / evaluation.evaluate_checkpoint.split to it (gin/tasks/p3.gin).
+EVAL_SPLIT = "validation"
+
+
+def _config(mode: str, k: int, seed: int,
+            task_feature_lengths: Mapping[str, int]) -> fewshot.HyperConfig:
+  """Budgets from the run's lengths: hyper_inputs for the demos of mode hyper; inputs for
+  the downstream input in every mode (in concat mode: demonstrations + query)."""
+  missing = {"hyper_inputs", "inputs"} - set(task_feature_lengths)
+  if missing:
+    raise ValueError(f"task_feature_lengths {dict(task_feature_lengths)} lacks {sorted(missing)}")
   return fewshot.HyperConfig(
       hyper_mode=mode, use_instruction=False, demos="sampled", k=k, seed=seed,
-      max_hyper_length=max_hyper_length,
-      max_inputs_length=max_inputs_length + (max_hyper_length if mode == "concat" else 0))
+      max_hyper_length=task_feature_lengths["hyper_inputs"],
+      max_inputs_length=task_feature_lengths["inputs"])
 
 
 def heldout_task_data(data_dir: str, spec: p3.HeldoutDataset, template: p3.Template,
@@ -53,7 +74,7 @@ def heldout_task_data(data_dir: str, spec: p3.HeldoutDataset, template: p3.Templ
     rows = rows[:max_eval_examples]
   evaluated = p3.render_choice_examples(rows, template, key)
   demos = [e.demonstration() for e in p3.render_choice_examples(demo_rows, template, key, seed=1)]
-  return fewshot.TaskData(name=key, splits={"validation": evaluated}, eval_pool=demos)
+  return fewshot.TaskData(name=key, splits={EVAL_SPLIT: evaluated}, eval_pool=demos)
 
 
 @gin.configurable
@@ -69,8 +90,7 @@ def register_p3(
     include_train: bool = True,
     max_eval_examples: Optional[int] = None,
     mixing_cap: Optional[int] = 500_000,
-    max_hyper_length: int = 1024,
-    max_inputs_length: int = 384,
+    task_feature_lengths: Mapping[str, int] = feature_converters.DEFAULT_TASK_FEATURE_LENGTHS,
 ) -> Dict[str, List[str]]:
   """Registers P3 held-out evaluation and training tasks; returns {mixture: tasks}.
 
@@ -82,6 +102,9 @@ def register_p3(
     original_task_only: only templates marked original_task (T0 evaluation).
     train_prompts: dataset-prompt names to train on (None: every file).
     max_eval_examples: cap per held-out task (None: all).
+    task_feature_lengths: the run's lengths (``%TASK_FEATURE_LENGTHS``): ``hyper_inputs``
+      budgets the demonstrations of mode hyper, ``inputs`` the downstream input of every
+      mode (concat: demonstrations + query, demonstrations dropped whole to fit).
   """
   vocabulary = vocabulary or seqio.ByteVocabulary()
   tdir = os.path.join(data_dir, "promptsource_templates")
@@ -115,15 +138,17 @@ def register_p3(
                    len(found & wanted), len(wanted), data_dir)
   out: Dict[str, List[str]] = {}
   for mode in hyper_modes:
-    variant = variant_name("p3", None, mode)
-    cfg = _config(mode, k, seed, max_hyper_length, max_inputs_length)
+    if mode not in p3.MODE_PREFIXES:
+      raise ValueError(f"unknown hyper_mode {mode!r}; known: {sorted(p3.MODE_PREFIXES)}")
+    variant = p3.MODE_PREFIXES[mode]  # metrics reads the held-out groups from these names
+    cfg = _config(mode, k, seed, task_feature_lengths)
     all_heldout = {}
     for key, tds in heldout_tasks.items():
       names = {}
       for td in tds:
         name = f"{variant}.{td.name}"
         common.register_three_input_task(name, td, cfg, vocabulary)
-        names[name] = float(td.num_examples("validation"))
+        names[name] = float(td.num_examples(EVAL_SPLIT))
       common.register_mixture(f"{variant}_heldout_{key}", names)
       out[f"{variant}_heldout_{key}"] = list(names)
       all_heldout.update(names)
@@ -150,14 +175,14 @@ def register_p3_tfrecords(
     hyper_modes: Sequence[str] = ("hyper",),
     k: int = 16,
     seed: int = 0,
-    max_hyper_length: int = 1024,
-    max_inputs_length: int = 384,
+    task_feature_lengths: Mapping[str, int] = feature_converters.DEFAULT_TASK_FEATURE_LENGTHS,
     mixture_name: str = "p3tf",
 ) -> Dict[str, List[str]]:
   """Registers tasks from bigscience P3 TFRecords: ``<p3_dir>/<task>/<split>.tfrecord*``.
 
   Each task gets the splits present (train / validation / test); names are
   ``<mixture_name>[_concat|_zeroshot].<task>`` with a ``<...>_all`` mixture.
+  ``task_feature_lengths`` budgets the demonstrations as in `register_p3`.
   """
   vocabulary = vocabulary or seqio.ByteVocabulary()
   tds = []
@@ -174,7 +199,7 @@ def register_p3_tfrecords(
   out = {}
   for mode in hyper_modes:
     variant = variant_name(mixture_name, None, mode)
-    cfg = _config(mode, k, seed, max_hyper_length, max_inputs_length)
+    cfg = _config(mode, k, seed, task_feature_lengths)
     names = {}
     for td in tds:
       name = f"{variant}.{td.name}"

@@ -130,6 +130,94 @@ def test_aggregate_averages_seeds_per_source_and_weighs_each_source_once():
         metrics.aggregate_task_metrics({"symbol.b": {"acc": 1.0}, "symbol_avg.b": {"acc": 1.0}})
 
 
+# Synthetic P3 held-out results: {dataset key: template accuracies}. ANLI has 9-15 templates
+# per round, the others 1-3, so a mean over templates is dominated by ANLI; R3 has fewer
+# templates, so the mean over rounds differs from the mean over ANLI's templates.
+P3_SCORES = {
+    "anli_r1": [30.0 + j for j in range(15)],  # mean 37
+    "anli_r2": [33.0, 34.0, 35.0] * 5,  # mean 34
+    "anli_r3": [31.0] * 9,  # mean 31
+    "hellaswag": [25.0, 27.0],  # 26
+    "super_glue_cb": [60.0, 70.0, 80.0],  # 70
+    "super_glue_copa": [70.0, 80.0],  # 75
+    "super_glue_rte": [60.0, 70.0],  # 65
+    "super_glue_wic": [50.0],  # 50
+    "super_glue_wsc.fixed": [60.0, 62.0],  # 61
+    "winogrande": [52.0, 54.0],  # 53
+}
+# ANLI = (37 + 34 + 31) / 3 = 34; the 8 columns: 34, 26, 70, 75, 65, 50, 61, 53.
+P3_AVERAGE = (34 + 26 + 70 + 75 + 65 + 50 + 61 + 53) / 8  # 54.25
+
+
+def _p3_results(prefix="p3", offset=0.0):
+    return {f"{prefix}.{key}_template_{j}": {"accuracy": acc + offset}
+            for key, accs in P3_SCORES.items() for j, acc in enumerate(accs)}
+
+
+def test_p3_heldout_groups_by_mode_and_dataset():
+    names = ["p3.anli_r1_GPT_3_style", "p3_concat.anli_r1_GPT_3_style", "p3.anli_r1_MNLI_crowdsource",
+             "p3.super_glue_wsc.fixed_GPT_3_Style", "p3.train.ag_news_classify", "p3tf.x_y", "copa"]
+    assert metrics.p3_heldout_groups(names) == {
+        "p3": {"anli_r1": ["p3.anli_r1_GPT_3_style", "p3.anli_r1_MNLI_crowdsource"],
+               "super_glue_wsc.fixed": ["p3.super_glue_wsc.fixed_GPT_3_Style"]},
+        "p3_concat": {"anli_r1": ["p3_concat.anli_r1_GPT_3_style"]},
+    }
+
+
+def test_aggregate_p3_per_dataset_as_the_papers():
+    per_task = _p3_results()
+    out = metrics.aggregate_task_metrics(per_task)
+    assert out["p3_dataset.anli_r1"] == {"accuracy": 37.0, "accuracy/num_templates": 15}
+    assert out["p3_dataset.anli_r2"]["accuracy"] == pytest.approx(34.0)
+    assert out["p3_dataset.super_glue_cb"] == {"accuracy": 70.0, "accuracy/num_templates": 3}
+    assert out["p3_dataset.super_glue_wsc.fixed"]["accuracy"] == pytest.approx(61.0)
+    # ANLI: the mean of its three rounds (each over its templates), counted once below.
+    assert out["p3_dataset.anli"] == pytest.approx(
+        {"accuracy": 34.0, "accuracy/num_rounds": 3, "accuracy/num_templates": 39})
+    anli = [s for k in ("anli_r1", "anli_r2", "anli_r3") for s in P3_SCORES[k]]
+    assert sum(anli) / len(anli) == pytest.approx(1344 / 39)  # ~34.5: not the round rule
+    assert out["p3_average"] == pytest.approx({"accuracy": P3_AVERAGE, "accuracy/num_datasets": 8})
+    # The headline average is the 8-column mean, not the mean over the 53 templates.
+    per_template = sum(s for accs in P3_SCORES.values() for s in accs) / 53
+    assert per_template == pytest.approx(2164 / 53)  # ~40.8: ANLI's 39 templates weigh 74%
+    assert out["average"]["accuracy"] == pytest.approx(P3_AVERAGE)
+    assert out["average"]["accuracy/num_tasks"] == 8
+    assert out["p3.anli_r1_template_3"] == {"accuracy": 33.0}  # per-template entries kept
+
+
+def test_aggregate_p3_keeps_modes_apart_and_weights_columns():
+    per_task = {**_p3_results(), **_p3_results("p3_concat", offset=10.0),
+                "p3.train.ag_news_classify": {"accuracy": 0.0}}
+    out = metrics.aggregate_task_metrics(per_task)
+    assert out["p3_average"]["accuracy"] == pytest.approx(P3_AVERAGE)
+    assert out["p3_concat_average"]["accuracy"] == pytest.approx(P3_AVERAGE + 10)
+    assert out["p3_concat_dataset.anli"]["accuracy"] == pytest.approx(44.0)
+    assert "p3_zeroshot_average" not in out
+    # 16 columns and one training task (not a held-out name, so a unit of its own).
+    assert out["average"]["accuracy"] == pytest.approx((16 * P3_AVERAGE + 80) / 17)
+    assert out["average"]["accuracy/num_tasks"] == 17
+    # A column weighs the mean of its templates' weights; the p3_* entries stay unweighted.
+    per_task = _p3_results()
+    w = {t: 3.0 if ".super_glue_cb_" in t else 1.0 for t in per_task}
+    weighted = metrics.aggregate_task_metrics(per_task, weights=w)
+    assert weighted["average"]["accuracy"] == pytest.approx((8 * P3_AVERAGE + 2 * 70) / 10)
+    assert weighted["p3_average"]["accuracy"] == pytest.approx(P3_AVERAGE)
+
+
+def test_aggregate_p3_partial_datasets_and_metrics():
+    # Only ANLI R2 and WiC evaluated; WiC also decoded (exact_match) -- each metric is
+    # averaged over the columns that report it.
+    per_task = {"p3.anli_r2_a": {"accuracy": 40.0}, "p3.anli_r2_b": {"accuracy": 30.0},
+                "p3.super_glue_wic_a": {"accuracy": 50.0, "exact_match": 20.0}}
+    out = metrics.aggregate_task_metrics(per_task)
+    assert out["p3_dataset.anli"] == {"accuracy": 35.0, "accuracy/num_rounds": 1,
+                                      "accuracy/num_templates": 2}
+    assert out["p3_average"] == {"accuracy": 42.5, "accuracy/num_datasets": 2,
+                                 "exact_match": 20.0, "exact_match/num_datasets": 1}
+    with pytest.raises(ValueError, match="'p3_average' is reserved"):
+        metrics.aggregate_task_metrics({**per_task, "p3_average": {"accuracy": 1.0}})
+
+
 @pytest.mark.parametrize("generate_classification", [False, True])
 def test_evaluator_decodes_classification_tasks_only_when_asked(monkeypatch,
                                                                  generate_classification):
@@ -140,8 +228,9 @@ def test_evaluator_decodes_classification_tasks_only_when_asked(monkeypatch,
   monkeypatch.setattr(common, "get_examples", lambda name, split: examples[name])
   ev = object.__new__(evaluation.Evaluator)  # no model: scoring and decoding are faked
   ev.generate_classification = generate_classification
-  ev.rank_classification = lambda params, names, split: {n: {"accuracy": 50.0} for n in names}
-  ev.generation = lambda params, names, split, refs: {
+  # `*_`: further arguments (e.g. method state) play no part in what is faked here.
+  ev.rank_classification = lambda params, names, split, *_: {n: {"accuracy": 50.0} for n in names}
+  ev.generation = lambda params, names, split, refs, *_: {
       n: {"exact_match": 100.0 * (refs[n] == [["a"]]), "predictions": ["a"]} for n in names}
   results = ev.evaluate(None, ["cls", "gen"], "test")
   assert results["gen"] == {"exact_match": 0.0}

@@ -3,17 +3,23 @@
 import json
 import os
 
+import gin
 import pytest
 import seqio
 import tensorflow as tf
 
+from hypertune import metrics
+from hypertune.data import formatting
 from hypertune.data import p3
 from tasks import common
 from tasks import p3 as p3_tasks
+from tasks import sni as sni_tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P3_DIR = os.path.join(REPO, "..", "shared", "data", "p3")
+SPM = os.path.join(REPO, "..", "shared", "data", "t5_vocab", "spiece.model")
 needs_p3 = pytest.mark.skipif(not os.path.isdir(P3_DIR), reason="../shared/data/p3 absent")
+needs_spm = pytest.mark.skipif(not os.path.exists(SPM), reason="../shared/data/t5_vocab absent")
 
 TEMPLATES = """dataset: toy
 templates:
@@ -118,6 +124,24 @@ def test_figure6_list_and_name_matching():
   assert p3.normalize_prompt_name("samsun_Summarize_") == p3.normalize_prompt_name("samsum_Summarize_")
 
 
+def test_heldout_task_names_parse_back_to_mode_and_dataset():
+  for mode, prefix in p3.MODE_PREFIXES.items():
+    assert prefix == sni_tasks.variant_name("p3", None, mode)  # the names tasks register
+    for h in p3.HELDOUT_DATASETS:
+      name = f"{prefix}.{h.key}_{p3.sanitize('GPT-3 style')}"
+      assert p3.parse_heldout_task_name(name) == (prefix, h.key, "GPT_3_style"), name
+  assert p3.parse_heldout_task_name("p3.train.ag_news_classify") is None
+  assert p3.parse_heldout_task_name("p3_heldout_anli_r1") is None  # a mixture
+  assert p3.parse_heldout_task_name("sni.super_glue_cb_x") is None
+  # HyperT5 Tables 1-2: ANLI, HSwag, CB, COPA, RTE, WiC, WSC, WGD.
+  assert p3.PAPER_COLUMNS == ("anli", "hellaswag", "super_glue_cb", "super_glue_copa",
+                              "super_glue_rte", "super_glue_wic", "super_glue_wsc.fixed",
+                              "winogrande")
+  assert [p3.paper_column(k) for k in ("anli_r1", "anli_r2", "anli_r3")] == ["anli"] * 3
+  with pytest.raises(ValueError, match="unknown hyper_mode"):
+    p3_tasks.register_p3("/nonexistent", heldout=(), include_train=False, hyper_modes=("x",))
+
+
 def _bytes(*vals):
   return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() for v in vals]))
 
@@ -216,6 +240,29 @@ def test_real_heldout_batches(real_p3):
 
 
 @needs_p3
+def test_real_heldout_names_aggregate_to_the_eight_paper_columns(real_p3):
+  for prefix in ("p3", "p3_concat"):
+    names = real_p3[f"{prefix}_heldout"]
+    # Dummy scores that differ per template; the expected columns come from the
+    # registration's per-dataset mixtures, not from parsing the names.
+    per_task = {n: {"accuracy": float(i % 7) * 10} for i, n in enumerate(names)}
+    expected = {}
+    for h in p3.HELDOUT_DATASETS:
+      members = real_p3[f"{prefix}_heldout_{h.key}"]
+      expected[h.key] = sum(per_task[n]["accuracy"] for n in members) / len(members)
+    expected["anli"] = sum(expected[f"anli_r{r}"] for r in (1, 2, 3)) / 3
+    out = metrics.aggregate_task_metrics(per_task)
+    for key, value in expected.items():
+      assert out[f"{prefix}_dataset.{key}"]["accuracy"] == pytest.approx(value), (prefix, key)
+    assert out[f"{prefix}_dataset.anli"]["accuracy/num_rounds"] == 3
+    assert out[f"{prefix}_dataset.anli_r1"]["accuracy/num_templates"] == 15
+    columns = [expected[c] for c in p3.PAPER_COLUMNS]
+    assert out[f"{prefix}_average"] == pytest.approx(
+        {"accuracy": sum(columns) / 8, "accuracy/num_datasets": 8})
+    assert out["average"]["accuracy"] == pytest.approx(sum(columns) / 8)
+
+
+@needs_p3
 def test_real_training_files_filtered_by_figure6():
   # Figure 6 spellings ("3.0.0", "samsun") match the released file names.
   prompts = ("ag_news_classify", "cnn_dailymail_3.0.0_generate_story", "samsun_Summarize_")
@@ -230,3 +277,64 @@ def test_real_training_files_filtered_by_figure6():
   assert ex["hyper_inputs"].count("\x1f") == 2
   with pytest.raises(ValueError, match="unknown P3 held-out"):
     p3_tasks.register_p3(P3_DIR, heldout=("storycloze",))
+
+
+# The tests below re-register p3.* held-out tasks with other options: keep them after the
+# tests that use the module's `real_p3` registration.
+
+@needs_p3
+@needs_spm
+def test_real_lengths_come_from_task_feature_lengths():
+  vocab = common.get_vocabulary("sentencepiece", SPM)
+  lengths = {"hyper_inputs": 64, "inputs": 96, "targets": 16}
+  out = p3_tasks.register_p3(P3_DIR, vocab, hyper_modes=("hyper", "concat"), k=4,
+                             heldout=("super_glue_copa", "super_glue_wic"), include_train=False,
+                             max_eval_examples=8, task_feature_lengths=lengths)
+  tokens = formatting.special_tokens_for(vocab)
+  demos = {"hyper": 0, "concat": 0}
+  for name in out["p3_concat_heldout"]:
+    hyper_name = name.replace("p3_concat.", "p3.")
+    # Token counts (EOS included) as the untrimmed seqio pipeline produces them.
+    for task_name, feature, limit in ((name, "inputs", 96), (hyper_name, "hyper_inputs", 64)):
+      ds = seqio.get_mixture_or_task(task_name).get_dataset(None, split="validation",
+                                                            shuffle=False)
+      assert all(len(ex[feature]) <= limit for ex in ds.as_numpy_iterator()), (task_name, feature)
+    hyper = common.get_examples(hyper_name, "validation")
+    for c, h in zip(common.get_examples(name, "validation"), hyper):
+      # The whole query (mode hyper's inputs) ends the concatenated input: none of it is cut.
+      assert c["inputs"].endswith(formatting.format_concat_inputs("", h["inputs"], tokens)), name
+      demos["concat"] += c["inputs"].count(tokens.x) - 1
+      demos["hyper"] += h["hyper_inputs"].count(tokens.x)
+  # Demonstrations are kept where they fit (the budgets bind, they do not empty the inputs).
+  assert demos["concat"] > 0 and demos["hyper"] > 0
+  builder = common.get_builder(out["p3_concat_heldout"][0])
+  assert builder.config.max_inputs_length == 96  # not hyper + inputs
+
+
+@needs_p3
+@needs_spm
+def test_gin_tasks_p3_registers_with_the_runs_lengths_and_split():
+  from hypertune import gin_utils  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    gin_utils.parse(
+        ["models/t5_tiny.gin", "models/t5_mtf.gin", "runs/train.gin", "tasks/p3.gin"],
+        ["MODEL_DIR = '/tmp/x'", f"P3_DATA_DIR = '{P3_DIR}'", f"VOCABULARY_PATH = '{SPM}'",
+         "TASK_FEATURE_LENGTHS = {'hyper_inputs': 64, 'inputs': 96, 'targets': 16}",
+         # A small registration: one held-out dataset, one training prompt.
+         "p3.register_p3.heldout = ['super_glue_cb']", "p3.register_p3.max_eval_examples = 2",
+         "p3.register_p3.train_prompts = ['ag_news_classify']",
+         "p3.register_p3.hyper_modes = ['hyper', 'concat']"])
+    assert gin.query_parameter("train.eval_split") == p3_tasks.EVAL_SPLIT
+    assert gin.query_parameter("evaluation.evaluate_checkpoint.split") == p3_tasks.EVAL_SPLIT
+    out = p3_tasks.register_p3()  # every argument from gin, as train.setup_tasks calls it
+    assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") in out
+    assert gin.query_parameter("%EVAL_MIXTURE_OR_TASK_NAME") in out
+    task = out["p3_concat_heldout_super_glue_cb"][0]
+    assert common.get_builder(task).config.max_inputs_length == 96
+    assert common.get_builder(out["p3_heldout"][0]).config.max_hyper_length == 64
+    vocab = seqio.get_mixture_or_task(task).output_features["inputs"].vocabulary
+    assert isinstance(vocab, seqio.SentencePieceVocabulary)
+    assert list(common.get_builder(task).task.splits) == [p3_tasks.EVAL_SPLIT]
+  finally:
+    gin.clear_config()

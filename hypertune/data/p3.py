@@ -14,6 +14,10 @@
   released P3 TFRecords (``inputs_pretokenized``, ``targets_pretokenized``,
   ``answer_choices``, ``is_correct``).
 * `HYPERT5_TRAIN_PROMPTS` is HyperT5's Figure 6 list of training dataset-prompts.
+* `parse_heldout_task_name` reads (mode prefix, dataset, template) back from a held-out
+  task name (``p3.super_glue_rte_GPT_3_style``); `PAPER_COLUMNS` are the papers' table
+  columns (ANLI one column over its rounds), used by `hypertune.metrics` for the headline
+  average.
 """
 
 from __future__ import annotations
@@ -162,12 +166,17 @@ class HeldoutDataset:
   eval_file: str  # relative to the p3 data dir
   demo_file: Optional[str]  # disjoint examples for few-shot demonstrations
   reader: str
+  column: Optional[str] = None  # the papers' table column when not `key` (ANLI rounds)
+
+  @property
+  def paper_column(self) -> str:
+    return self.column or self.key
 
 
 HELDOUT_DATASETS = (
-    HeldoutDataset("anli_r1", "anli", None, "anli_v1.0/R1/dev.jsonl", "anli_v1.0/R1/test.jsonl", "anli"),
-    HeldoutDataset("anli_r2", "anli", None, "anli_v1.0/R2/dev.jsonl", "anli_v1.0/R2/test.jsonl", "anli"),
-    HeldoutDataset("anli_r3", "anli", None, "anli_v1.0/R3/dev.jsonl", "anli_v1.0/R3/test.jsonl", "anli"),
+    HeldoutDataset("anli_r1", "anli", None, "anli_v1.0/R1/dev.jsonl", "anli_v1.0/R1/test.jsonl", "anli", "anli"),
+    HeldoutDataset("anli_r2", "anli", None, "anli_v1.0/R2/dev.jsonl", "anli_v1.0/R2/test.jsonl", "anli", "anli"),
+    HeldoutDataset("anli_r3", "anli", None, "anli_v1.0/R3/dev.jsonl", "anli_v1.0/R3/test.jsonl", "anli", "anli"),
     HeldoutDataset("hellaswag", "hellaswag", None, "hellaswag/hellaswag_val_preprocessed.jsonl", None, "hellaswag"),
     HeldoutDataset("super_glue_cb", "super_glue", "cb", "superglue_fewglue32dev/CB/val.jsonl", "superglue_fewglue32dev/CB/train.jsonl", "cb"),
     HeldoutDataset("super_glue_copa", "super_glue", "copa", "superglue_fewglue32dev/COPA/val.jsonl", "superglue_fewglue32dev/COPA/train.jsonl", "copa"),
@@ -178,6 +187,31 @@ HELDOUT_DATASETS = (
 )
 # HellaSwag ships only the validation set here: its last examples are the demo pool.
 HELLASWAG_DEMO_POOL = 64
+
+_HELDOUT_BY_KEY = {h.key: h for h in HELDOUT_DATASETS}
+# Task name prefix of each hyper_mode (tasks/p3.py): ``<prefix>.<dataset key>_<template>``.
+MODE_PREFIXES = {"hyper": "p3", "concat": "p3_concat", "none": "p3_zeroshot"}
+# HyperT5 Tables 1-2 / T0: ANLI, HSwag, CB, COPA, RTE, WiC, WSC, WGD (ANLI over R1-R3).
+PAPER_COLUMNS = tuple(dict.fromkeys(h.paper_column for h in HELDOUT_DATASETS))
+_HELDOUT_TASK = re.compile(r"^(%s)\.(%s)_(\w+)$" % (
+    "|".join(map(re.escape, MODE_PREFIXES.values())),
+    # Longest first: were one key the start of another, the longer one wins.
+    "|".join(re.escape(h.key) for h in sorted(HELDOUT_DATASETS, key=lambda h: -len(h.key)))))
+
+
+def parse_heldout_task_name(name: str) -> Optional[Tuple[str, str, str]]:
+  """(mode prefix, dataset key, sanitized template) of a held-out task name, else None.
+
+  ``p3_concat.super_glue_wsc.fixed_GPT_3_Style`` -> ("p3_concat", "super_glue_wsc.fixed",
+  "GPT_3_Style"); training tasks (``p3.train.<prompt>``) and other sources give None.
+  """
+  m = _HELDOUT_TASK.match(name)
+  return m.groups() if m else None
+
+
+def paper_column(key: str) -> str:
+  """The papers' table column of a HELDOUT_DATASETS key ("anli_r2" -> "anli")."""
+  return _HELDOUT_BY_KEY[key].paper_column
 
 _CB = {"entailment": 0, "contradiction": 1, "neutral": 2}
 _RTE = {"entailment": 0, "not_entailment": 1}
