@@ -33,8 +33,8 @@ def main(argv=None):
   from hypertune.data import eval_batches  # pylint: disable=g-import-not-at-top
   from tasks import builtin, common  # pylint: disable=g-import-not-at-top
 
-  builtin.register_builtin_suite(k=4, max_hyper_length=80, max_inputs_length=16)
   lengths = {"hyper_inputs": 80, "inputs": 16, "targets": 16}
+  builtin.register_builtin_suite(k=4, task_feature_lengths=lengths)
   tasks = [seqio.get_mixture_or_task(n) for n in common.mixture_tasks(args.mixture)]
 
   def read(task_lists, score_choices):

@@ -5,6 +5,7 @@ Rank classification (P3 protocol: the answer choice with the highest total targe
 log-likelihood; accuracy) and generation (greedy or beam; ROUGE-L with S-NI's scoring, exact
 match), per task and averaged.
 """
+import functools
 import json
 import logging
 import os
@@ -18,9 +19,10 @@ import seqio
 
 from hypertune import metrics as metrics_lib
 from hypertune.data import eval_batches
-from hypertune.models import decoding
-from hypertune.models.hypermodel import HyperModel
-from hypertune.models.t5 import T5
+from hypertune.models.base import TARGET_FEATURES, BaseModel
+
+# What a model's score / predict read of an evaluation batch.
+MODEL_BATCH_FEATURES = BaseModel.FEATURES + TARGET_FEATURES
 
 
 def _pad_batch(batch: Mapping[str, np.ndarray], size: int) -> Dict[str, np.ndarray]:
@@ -41,77 +43,76 @@ def detokenize(vocab, tokens) -> list:
 
 @gin.configurable(denylist=["model", "task_feature_lengths", "batch_size", "num_beams"])
 class Evaluator:
-  """Scores or decodes tasks with a HyperModel's parameters; compiled functions are shared.
+  """Scores or decodes tasks through the model contract; compiled functions are shared.
 
   Tasks with `answer_choices` get rank classification; with `generate_classification` they
   are also decoded (S-NI's protocol scores every task by generation, which also shows whether
   a model knows a task's label words at all).
   """
 
-  def __init__(self, model: HyperModel, task_feature_lengths: Mapping[str, int],
+  def __init__(self, model: BaseModel, task_feature_lengths: Mapping[str, int],
                batch_size: int = 32, max_decode_len: Optional[int] = None, num_beams: int = 1,
                generate_classification: bool = False):
     self.model = model
-    self.downstream = T5(model.config)
     self.lengths = dict(task_feature_lengths)
     self.batch_size = batch_size
     self.max_decode_len = max_decode_len or self.lengths["targets"]
     self.num_beams = num_beams
     self.generate_classification = generate_classification
     self.predictions: Dict[str, list] = {}  # of the last `evaluate`
-    self._peft = jax.jit(lambda p, t: model.apply({"params": p}, t, method=HyperModel.generate_peft))
-    self._score = jax.jit(lambda p, b, peft: decoding.token_log_likelihood(
-        self.downstream, p, b["encoder_input_tokens"], b["decoder_input_tokens"],
-        b["decoder_target_tokens"], peft, b["decoder_loss_weights"])[0])
+    # Compiled once and shared by every task (one shape: batches are padded).
+    self._task_parameters = jax.jit(model.task_parameters)
+    self._score = jax.jit(model.score)
+    self._predict = jax.jit(functools.partial(model.predict, max_decode_len=self.max_decode_len,
+                                              num_beams=num_beams))
 
-  def task_peft(self, params, batch, size):
-    """Generate the task's PEFT parameters from one row (all rows share the demonstrations)."""
-    if self.model.hypernet is None:
+  def task_parameters(self, params, method_state, batch, size):
+    """The task's parameters, written once from one row (all rows share the demonstrations),
+    repeated over the `size` rows of a batch."""
+    if not self.model.has_hypernet:
       return None
-    peft = self._peft(params, jnp.asarray(batch["hyper_encoder_input_tokens"][:1]))
-    return peft.repeat(size)
+    hyper = jnp.asarray(batch["hyper_encoder_input_tokens"][:1])
+    return self._task_parameters(params, method_state, hyper).repeat(size)
 
-  def _task_batches(self, params, task_names: Sequence[str], split: str, score_choices: bool):
-    """(task name, rows, padded batch, PEFT) for each run of one task's rows, all tasks
-    read through one pipeline; PEFT is generated once per task."""
+  def _task_batches(self, params, method_state, task_names: Sequence[str], split: str,
+                    score_choices: bool):
+    """(task name, rows, padded model batch, task parameters) for each run of one task's
+    rows, all tasks read through one pipeline; task parameters are written once per task."""
     tasks = [seqio.get_mixture_or_task(name) for name in task_names]
     batches = eval_batches.get_eval_batches(tasks, split, self.batch_size, self.lengths,
                                             score_choices=score_choices)
-    current, peft = None, None
+    current, task_params = None, None
     for index, rows in eval_batches.split_by_task(batches.as_numpy_iterator()):
       padded = _pad_batch(rows, self.batch_size)
       if index != current:  # a task's rows are contiguous
-        current, peft = index, self.task_peft(params, padded, self.batch_size)
-      yield task_names[index], rows, padded, peft
+        current = index
+        task_params = self.task_parameters(params, method_state, padded, self.batch_size)
+      features = {k: jnp.asarray(v) for k, v in padded.items() if k in MODEL_BATCH_FEATURES}
+      yield task_names[index], rows, features, task_params
 
-  def rank_classification(self, params, task_names: Sequence[str],
-                          split: str) -> Dict[str, Dict[str, float]]:
+  def rank_classification(self, params, task_names: Sequence[str], split: str,
+                          method_state=None) -> Dict[str, Dict[str, float]]:
     """{task: {"accuracy": %}}: the choice with the highest summed target log-likelihood."""
     parts = {name: [] for name in task_names}  # (scores, example ids, choices, labels)
-    for name, rows, padded, peft in self._task_batches(params, task_names, split, True):
-      s = self._score(params["downstream"], {k: jnp.asarray(v) for k, v in padded.items()
-                                             if k.startswith(("encoder", "decoder"))}, peft)
+    for name, rows, batch, task_params in self._task_batches(params, method_state or {},
+                                                             task_names, split, True):
+      s = self._score(params, task_params, batch)
       parts[name].append((np.asarray(s)[:len(rows["task_index"])], rows["example_id"],
                           rows["choice_index"], rows["label"]))
     return {name: {"accuracy": metrics_lib.rank_classification_accuracy(
         *(np.concatenate(column) for column in zip(*p)))} for name, p in parts.items() if p}
 
   def generation(self, params, task_names: Sequence[str], split: str,
-                 references: Mapping[str, Sequence[Sequence[str]]]) -> Dict[str, Dict]:
+                 references: Mapping[str, Sequence[Sequence[str]]],
+                 method_state=None) -> Dict[str, Dict]:
     """{task: {"rougeL", "exact_match", "predictions": [str]}}: every query decoded;
     `references[task]` are the task's examples' reference lists."""
     predictions = {name: [] for name in task_names}
     # Tasks evaluated together share their vocabulary (eval_batches checks it).
     vocab = seqio.get_mixture_or_task(task_names[0]).output_features["targets"].vocabulary
-    for name, rows, padded, peft in self._task_batches(params, task_names, split, False):
-      enc = jnp.asarray(padded["encoder_input_tokens"])
-      if self.num_beams > 1:
-        tokens = decoding.beam_search(self.downstream, params["downstream"], enc, peft,
-                                      max_decode_len=self.max_decode_len,
-                                      num_beams=self.num_beams)[0][:, 0]
-      else:
-        tokens = decoding.greedy_decode(self.downstream, params["downstream"], enc, peft,
-                                        max_decode_len=self.max_decode_len)
+    for name, rows, batch, task_params in self._task_batches(params, method_state or {},
+                                                             task_names, split, False):
+      tokens = self._predict(params, task_params, batch)
       predictions[name] += detokenize(vocab, np.asarray(tokens)[:len(rows["task_index"])])
     for name in task_names:
       if len(predictions[name]) != len(references[name]):
@@ -122,7 +123,8 @@ class Evaluator:
                    "predictions": predictions[name]}
             for name in task_names}
 
-  def evaluate(self, params, task_names: Sequence[str], split: str) -> Dict[str, Dict]:
+  def evaluate(self, params, task_names: Sequence[str], split: str,
+               method_state=None) -> Dict[str, Dict]:
     """{task: {metric: value}, "symbol_avg.<src>": {metric: mean/std over its seeds},
     "average": {metric: mean over tasks, a source's seeds counting once}}.
 
@@ -136,11 +138,13 @@ class Evaluator:
     results = {name: {} for name in task_names}
     self.predictions = {}
     if classification:
-      for name, r in self.rank_classification(params, classification, split).items():
+      for name, r in self.rank_classification(params, classification, split,
+                                                   method_state).items():
         results[name].update(r)
     if generated:
       references = {n: [ex["references"] for ex in examples[n]] for n in generated}
-      for name, r in self.generation(params, generated, split, references).items():
+      for name, r in self.generation(params, generated, split, references,
+                                           method_state).items():
         predictions = r.pop("predictions")
         self.predictions[name] = [
             {"inputs": ex["inputs"], "prediction": p, "references": list(ex["references"])}
@@ -169,9 +173,10 @@ def write_results(model_dir: str, step: int, results: Mapping, name: str = "resu
 
 
 @gin.configurable(denylist=["model", "params", "step", "model_dir", "task_feature_lengths",
-                            "mixture_or_task_name"])
-def evaluate_checkpoint(model: HyperModel, params, step: int, model_dir: str,
+                            "mixture_or_task_name", "method_state"])
+def evaluate_checkpoint(model: BaseModel, params, step: int, model_dir: str,
                         task_feature_lengths: Mapping[str, int], mixture_or_task_name: str,
+                        method_state=None,
                         eval_mixture_or_task_name: str = gin.REQUIRED, split: str = "test",
                         batch_size: int = 32, num_beams: int = 1) -> Dict[str, Dict]:
   """Evaluate restored parameters once (the `hypertune.eval` binary).
@@ -182,7 +187,8 @@ def evaluate_checkpoint(model: HyperModel, params, step: int, model_dir: str,
   from tasks import common  # pylint: disable=g-import-not-at-top
   del mixture_or_task_name  # the training mixture; evaluation has its own
   evaluator = Evaluator(model, task_feature_lengths, batch_size, num_beams=num_beams)
-  results = evaluator.evaluate(params, common.mixture_tasks(eval_mixture_or_task_name), split)
+  results = evaluator.evaluate(params, common.mixture_tasks(eval_mixture_or_task_name), split,
+                               method_state)
   if jax.process_index() != 0:  # every process evaluates alike (multi-host); one writes
     return results
   logging.info("eval of step %d: average %s -> %s", step, results.get("average"),

@@ -13,8 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (seqio's data) 
 
 # Configurables gin must know before parsing (their modules register them on import).
 CONFIGURABLE_MODULES = (
-    "hypertune.models.config", "hypertune.models.hypermodel", "hypertune.hypernets.hypert5",
-    "hypertune.hypernets.shared_peft", "hypertune.optimizers", "hypertune.partitioning",
+    "hypertune.models.config", "hypertune.models.base", "hypertune.models.hypermodel",
+    "hypertune.hypernets.hypert5", "hypertune.hypernets.shared_peft", "hypertune.optimizers", "hypertune.partitioning",
     "hypertune.checkpoints", "hypertune.evaluation", "hypertune.inference", "hypertune.trainer",
     "tasks.builtin",
 )

@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hypertune.evaluation import detokenize
-from hypertune.models import decoding, peft as peft_lib
-from hypertune.models.hypermodel import HyperModel
-from hypertune.models.t5 import T5
+from hypertune.models import peft as peft_lib
+from hypertune.models.base import BaseModel
 
 
 def _read_demonstrations(path: str):
@@ -45,16 +44,17 @@ def _read_demonstrations(path: str):
 
 
 @gin.configurable(denylist=["model", "params", "step", "model_dir", "task_feature_lengths",
-                            "mixture_or_task_name"])
-def infer(model: HyperModel, params, step: int, model_dir: str,
+                            "mixture_or_task_name", "method_state"])
+def infer(model: BaseModel, params, step: int, model_dir: str,
           task_feature_lengths: Mapping[str, int], mixture_or_task_name: str,
+          method_state=None,
           peft_dir: str = gin.REQUIRED, demonstrations_file: Optional[str] = None,
           inputs_file: Optional[str] = None, max_decode_len: Optional[int] = None):
   """Generate PEFT parameters from `demonstrations_file` into `peft_dir` (if given), then decode
   each line of `inputs_file` with the parameters in `peft_dir` (if given)."""
   import seqio  # pylint: disable=g-import-not-at-top
   from hypertune.data import formatting  # pylint: disable=g-import-not-at-top
-  if model.hypernet is None:
+  if not model.has_hypernet:
     raise ValueError(f"{model_dir}: this run has no hypernetwork; nothing to generate")
   vocab = seqio.get_mixture_or_task(mixture_or_task_name).output_features["inputs"].vocabulary
   if demonstrations_file:
@@ -65,7 +65,7 @@ def infer(model: HyperModel, params, step: int, model_dir: str,
         length_fn=lambda s: len(vocab.encode(s)), max_length=hyper_len - 1)
     tokens = (list(vocab.encode(text)) + [1])[:hyper_len]
     tokens = np.array([tokens + [0] * (hyper_len - len(tokens))], np.int32)
-    peft = model.apply({"params": params}, jnp.asarray(tokens), method=HyperModel.generate_peft)
+    peft = model.task_parameters(params, method_state or {}, jnp.asarray(tokens))
     peft_lib.save(peft_dir, peft, {"model_dir": model_dir, "step": step,
                                    "demonstrations_used": kept,
                                    "demonstrations_given": len(demos)})
@@ -77,9 +77,8 @@ def infer(model: HyperModel, params, step: int, model_dir: str,
     length = task_feature_lengths["inputs"]
     rows = [(list(vocab.encode(q)) + [1])[:length] for q in queries]
     enc = np.array([r + [0] * (length - len(r)) for r in rows], np.int32)
-    out = decoding.greedy_decode(T5(model.config), params["downstream"], jnp.asarray(enc),
-                                 peft.repeat(len(rows)),
-                                 max_decode_len=max_decode_len or task_feature_lengths["targets"])
+    out = model.predict(params, peft.repeat(len(rows)), {"encoder_input_tokens": jnp.asarray(enc)},
+                        max_decode_len=max_decode_len or task_feature_lengths["targets"])
     predictions = detokenize(vocab, out)
     with open(os.path.join(peft_dir, "predictions.jsonl"), "w") as f:
       for q, p in zip(queries, predictions):

@@ -12,15 +12,13 @@ import functools
 from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax.core import meta
 
 from hypertune import optimizers, partitioning
-
-MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "hyper_encoder_input_tokens")
+from hypertune.models.base import BaseModel
 
 
 @flax.struct.dataclass
@@ -31,39 +29,16 @@ class TrainState:
   method_state: Any  # non-parameter collections a method keeps between steps ({} for most)
 
 
-def cross_entropy(logits, targets, weights) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """(sum of weighted token losses, sum of weights, number of correct weighted tokens)."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-  weights = weights.astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(correct * weights)
-
-
-def model_inputs(batch: Mapping[str, Any]) -> Dict[str, Any]:
-  return {k: batch[k] for k in MODEL_FEATURES if k in batch}
-
-
-def _loss_and_metrics(model: nn.Module, params, method_state, batch, rng, total_weight,
+def _loss_and_metrics(model: BaseModel, params, method_state, batch, rng, total_weight,
                       num_microbatches: int, trainable=None):
   if trainable is not None:
     # Frozen parameters get no weight gradients at all (XLA drops those matmuls); activations
     # still carry gradients through them to the trainable parts.
     params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-  logits, mutated = model.apply(
-      {"params": params, **method_state}, **model_inputs(batch), deterministic=False,
-      rngs={"dropout": rng}, mutable=["losses", "method_state"])
-  ce_sum, weight_sum, correct = cross_entropy(logits, batch["decoder_target_tokens"],
-                                              batch["decoder_loss_weights"])
-  aux = {"/".join(k): jnp.sum(jnp.stack([jnp.asarray(x) for x in v])) / num_microbatches
-         for k, v in flax.traverse_util.flatten_dict(
-             flax.core.unfreeze(mutated.get("losses", {}))).items()}
-  loss = ce_sum / total_weight + sum(aux.values())
-  metrics = {"cross_entropy": ce_sum / total_weight, "accuracy": correct / total_weight, **aux}
-  new_method_state = {"method_state": mutated["method_state"]} if "method_state" in mutated else {}
-  return loss, (metrics, new_method_state)
+  return model.loss(params, method_state, batch, rng, total_weight, num_microbatches)
 
 
-def train_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
+def train_step(model: BaseModel, tx: optax.GradientTransformation, state: TrainState,
                batch: Mapping[str, jax.Array], rng: jax.Array, num_microbatches: int = 1,
                trainable=None) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimizer update on `batch` (split into `num_microbatches` for gradient accumulation).
@@ -118,12 +93,6 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainS
   return new_state, metrics
 
 
-def init_variables(model: nn.Module, rng, batch_shapes: Mapping[str, Tuple[int, ...]]):
-  """Boxed variables of `model` for model features of the given shapes (all collections)."""
-  dummy = {k: jnp.ones(batch_shapes[k], jnp.int32) for k in MODEL_FEATURES if k in batch_shapes}
-  return model.init(rng, **dummy)
-
-
 class PartitionedTrainer:
   """Builds the sharded train state and the jitted train step for a model on a mesh.
 
@@ -131,13 +100,13 @@ class PartitionedTrainer:
   batches get `NamedSharding`s from logical axis rules; `jax.jit` does the rest.
   """
 
-  def __init__(self, model: nn.Module, tx: optax.GradientTransformation, mesh,
+  def __init__(self, model: BaseModel, tx: optax.GradientTransformation, mesh,
                rules, batch_shapes: Mapping[str, Tuple[int, ...]], num_microbatches: int = 1,
                trainable_patterns: Sequence[str] = (".*",), frozen_patterns: Sequence[str] = ()):
     self.model, self.tx, self.mesh, self.rules = model, tx, mesh, rules
     self.num_microbatches = num_microbatches
     with partitioning.axis_rules_and_mesh(mesh, rules):
-      boxed = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), batch_shapes))
+      boxed = jax.eval_shape(lambda: model.init_variables(jax.random.key(0), batch_shapes))
     self.abstract_params = meta.unbox(boxed["params"])
     # Pytree of bools like params: which parameters train (the others get no gradients).
     self.trainable = optimizers.trainable_mask(self.abstract_params, trainable_patterns,
@@ -159,7 +128,7 @@ class PartitionedTrainer:
   def init_params(self, rng) -> Any:
     """Freshly initialised parameters, created directly with their shardings."""
     def init(rng):
-      return meta.unbox(init_variables(self.model, rng, self._batch_shapes)["params"])
+      return meta.unbox(self.model.init_variables(rng, self._batch_shapes)["params"])
     with partitioning.axis_rules_and_mesh(self.mesh, self.rules):
       return jax.jit(init, out_shardings=self.param_shardings)(rng)
 

@@ -3,10 +3,11 @@ r"""The training loop behind `python -m hypertune.train --gin_file=... --gin.MOD
 Hyperpretraining, multi-task fine-tuning of a hypernetwork, and the baselines are the same loop;
 they differ in gin (model, mixture, trainable patterns, initial checkpoint).
 
-The run directory MODEL_DIR holds `config.gin` (the operative config), `checkpoints/` (trainable
-parameters, optimizer state, data position; frozen parameters are not re-saved: they are rebuilt
-from the initial checkpoint), `train/` and `eval/` TensorBoard summaries, and
-`eval/results_step*.json` (with `_predictions.jsonl` beside each).
+The run directory MODEL_DIR holds `config.gin` (the operative config), `frozen_params/` (the
+frozen parameters, written once when the run starts), `checkpoints/` (trainable parameters,
+optimizer state, data position), `train/` and `eval/` TensorBoard summaries, and
+`eval/results_step*.json` (with `_predictions.jsonl` beside each). Where parameters come from
+(initial checkpoints, copies, resume): `hypertune.param_sources`.
 """
 import logging
 import os
@@ -16,53 +17,76 @@ import gin
 import jax
 import numpy as np
 import seqio
-from flax.traverse_util import flatten_dict, unflatten_dict
 
-from hypertune import checkpoints, optimizers, partitioning, progress, train_lib
-from hypertune.evaluation import Evaluator, write_results
-from hypertune.hypernets import hypert5
-from hypertune.models import hf_convert
-from hypertune.models.hypermodel import HyperModel
+from hypertune import checkpoints, optimizers, param_sources, partitioning, progress, train_lib
+from hypertune.evaluation import MODEL_BATCH_FEATURES, Evaluator, write_results
+from hypertune.models.base import BaseModel
 
 
-def trainable_subtree(params, mask) -> dict:
-  """Only the trainable leaves (what a checkpoint stores)."""
-  m = flatten_dict(mask, sep="/")
-  return unflatten_dict({k: v for k, v in flatten_dict(params, sep="/").items() if m[k]}, sep="/")
+def checkpoint_tree(state: train_lib.TrainState, mask) -> dict:
+  """What a checkpoint holds: the trainable parameters and everything else that changes."""
+  return {"step": state.step, "params": param_sources.subtree(state.params, mask),
+          "opt_state": state.opt_state, "method_state": state.method_state}
 
 
-def merge_params(params, subtree) -> dict:
-  """`params` with the leaves of `subtree` (same paths) replaced."""
-  return unflatten_dict({**flatten_dict(params, sep="/"), **flatten_dict(subtree, sep="/")},
-                        sep="/")
-
-
-def is_run_dir(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, "checkpoints"))
-
-
-def load_initial_params(path: str, params: dict, model: HyperModel,
-                        assignment_map: Sequence[Tuple[str, Optional[str]]] = ()
-                        ) -> Tuple[dict, Any]:
-  """`params` with values from a Hugging Face T5 directory or an earlier hypertune run.
-
-  A Hugging Face T5 fills `downstream/`; a hypertune run fills whatever it saved, following
-  `assignment_map` ((target_regex, source_template | None), first match wins, t5x style).
-  Returns (params, AssignmentReport).
-  """
-  if os.path.exists(os.path.join(path, "config.json")):
-    _, hf_params = hf_convert.load_hf_t5(path, config=model.config)
-    source = {"downstream": hf_params}
-  elif is_run_dir(path):
-    ckpt = checkpoints.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
-    state, _ = ckpt.restore()
+def resume_state(trainer: train_lib.PartitionedTrainer, model_dir: str, fresh
+                 ) -> Tuple[train_lib.TrainState, int]:
+  """The run's own latest state: its frozen parameters and its latest checkpoint."""
+  mask = trainer.trainable
+  frozen = param_sources.subtree(fresh, mask, keep=False)
+  target = {"params": checkpoints.abstract_state(frozen),
+            "num_frozen": jax.ShapeDtypeStruct((), np.int32)}
+  restored_frozen = param_sources.restore_dir(
+      os.path.join(model_dir, param_sources.FROZEN_DIR), target)["params"]
+  state = trainer.create_state(param_sources.merge_params(fresh, restored_frozen))
+  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, param_sources.CHECKPOINTS_DIR),
+                                  async_save=False)
+  try:
+    restored, data_state = ckpt.restore(
+        target=checkpoints.abstract_state(checkpoint_tree(state, mask)))
+  finally:
     ckpt.close()
-    source = state["params"]
-  else:
-    raise FileNotFoundError(
-        f"INITIAL_CHECKPOINT_PATH={path!r} is neither a Hugging Face T5 directory (config.json "
-        "+ model.safetensors) nor a hypertune MODEL_DIR (with checkpoints/)")
-  return checkpoints.restore_with_assignment_map(source, params, assignment_map)
+  state = state.replace(step=restored["step"], opt_state=restored["opt_state"],
+                        method_state=restored["method_state"],
+                        params=param_sources.merge_params(state.params, restored["params"]))
+  logging.info("resumed from %s at step %d (data position %s)", model_dir,
+               int(restored["step"]), data_state)
+  return state, int(restored["step"])
+
+
+def initial_state(trainer: train_lib.PartitionedTrainer, model: BaseModel, model_dir: str,
+                  seed: int, sources: Sequence, init_hypernet_from_downstream: bool,
+                  trainable_patterns: Sequence[str], frozen_patterns: Sequence[str]
+                  ) -> Tuple[train_lib.TrainState, int]:
+  """(train state, start step): resumed if `model_dir` has a checkpoint, else fresh
+  initialisation, then the initial checkpoints `sources`, then the hypernetwork's copies of the
+  downstream model; a new run writes its frozen parameters once."""
+  fresh = trainer.init_params(jax.random.key(seed))
+  if has_checkpoint(model_dir):
+    return resume_state(trainer, model_dir, fresh)
+  params, restored = param_sources.restore_initial_checkpoints(
+      partitioning.to_host(fresh), model, sources)
+  copied = {}
+  if init_hypernet_from_downstream:
+    params, copied = param_sources.copy_hypernet_from_downstream(params, restored)
+  logging.info("parameters:\n%s", optimizers.parameter_table(
+      params, trainable_patterns, frozen_patterns, restored_from=restored if sources else None,
+      copied_from=copied))
+  state = trainer.create_state(params)
+  param_sources.save_frozen(model_dir, param_sources.subtree(state.params, trainer.trainable,
+                                                             keep=False))
+  return state, 0
+
+
+def has_checkpoint(model_dir: str) -> bool:
+  ckpt_dir = os.path.join(model_dir, param_sources.CHECKPOINTS_DIR)
+  if not os.path.isdir(ckpt_dir):
+    return False
+  ckpt = checkpoints.Checkpointer(ckpt_dir, async_save=False)
+  try:
+    return ckpt.latest_step() is not None
+  finally:
+    ckpt.close()
 
 
 def host_train_batches(mixture_or_task_name: str, batch_size: int,
@@ -93,7 +117,7 @@ def host_train_batches(mixture_or_task_name: str, batch_size: int,
 @gin.configurable(denylist=["train_steps_override"])
 def train(
     model_dir: str = gin.REQUIRED,
-    model: HyperModel = gin.REQUIRED,
+    model: BaseModel = gin.REQUIRED,
     mixture_or_task_name: str = gin.REQUIRED,
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
     batch_size: int = gin.REQUIRED,
@@ -105,6 +129,7 @@ def train(
     max_grad_norm: Optional[float] = 1.0,
     initial_checkpoint_path: Optional[str] = None,
     assignment_map: Sequence[Tuple[str, Optional[str]]] = (),
+    initial_checkpoints: Sequence[Any] = (),
     init_hypernet_from_downstream: bool = False,
     num_microbatches: int = 1,
     checkpoint_period: int = 1000,
@@ -122,8 +147,15 @@ def train(
 ) -> Mapping:
   """Train `model` on a seqio mixture.
 
+  Initial parameters (`hypertune.param_sources`): `initial_checkpoint_path` with
+  `assignment_map` (t5x's INITIAL_CHECKPOINT_PATH), then each of `initial_checkpoints`, a path
+  or a `(path, assignment_map)` pair; a Hugging Face directory or an earlier run's MODEL_DIR. A
+  parameter is restored by the first checkpoint that provides it, e.g.
+  `[("/hf/t5-base", [("downstream/.*", None)...]), "/runs/hyperpretrain"]`; the
+  `init_hypernet_from_downstream` copies never overwrite a restored parameter.
+
   With `restored_fn` nothing is trained: the latest checkpoint of `model_dir` is restored and
-  `restored_fn(model=, params=, step=, model_dir=, task_feature_lengths=,
+  `restored_fn(model=, params=, method_state=, step=, model_dir=, task_feature_lengths=,
   mixture_or_task_name=)` is returned (the `hypertune.eval` and `hypertune.infer` binaries).
 
   Returns {"losses": [loss of each step run by this call], "eval": last evaluation results}.
@@ -142,64 +174,38 @@ def train(
     with open(os.path.join(model_dir, config_path), "w") as f:
       f.write(gin.config_str())
   train_steps = train_steps_override or train_steps
+  # Fail fast, before any model is built: names, and a checkpoint to restore.
+  for name in (mixture_or_task_name, eval_mixture_or_task_name if eval_period else None):
+    if name:
+      common.get_task_or_mixture(name)
+  if restore_only and not has_checkpoint(model_dir):
+    raise FileNotFoundError(f"MODEL_DIR={model_dir!r} has no checkpoint to restore")
   mesh = partitioning.make_mesh()
   rules = partitioning.standard_logical_axis_rules()
-  batch_shapes = {"encoder_input_tokens": (batch_size, task_feature_lengths["inputs"]),
-                  "decoder_input_tokens": (batch_size, task_feature_lengths["targets"])}
-  if model.hypernet is not None:
-    batch_shapes["hyper_encoder_input_tokens"] = (batch_size, task_feature_lengths["hyper_inputs"])
+  batch_shapes = model.batch_shapes(batch_size, task_feature_lengths)
   tx = optimizers.make_optimizer(optimizer, trainable_patterns, frozen_patterns, max_grad_norm)
   trainer = train_lib.PartitionedTrainer(model, tx, mesh, rules, batch_shapes, num_microbatches,
                                          trainable_patterns, frozen_patterns)
 
-  # Parameters: fresh init, then the initial checkpoint, then this run's own checkpoint.
-  params = partitioning.to_host(trainer.init_params(jax.random.key(seed)))
-  sources = None
-  if initial_checkpoint_path:
-    params, report = load_initial_params(initial_checkpoint_path, params, model, assignment_map)
-    sources = report.sources
-    logging.info("initial checkpoint %s:\n%s", initial_checkpoint_path, report.summary())
-  copied = None
-  if init_hypernet_from_downstream:
-    params["hypernet"] = hypert5.init_from_downstream(params["hypernet"], params["downstream"])
-    copied = {p: src for p in optimizers.param_paths(params)
-              if (src := hypert5.downstream_source(p))}
+  state, start_step = initial_state(trainer, model, model_dir, seed,
+      param_sources.initial_checkpoint_list(initial_checkpoint_path, assignment_map,
+                                            initial_checkpoints),
+      init_hypernet_from_downstream, trainable_patterns, frozen_patterns)
   mask = trainer.trainable
-  logging.info("parameters:\n%s", optimizers.parameter_table(
-      params, trainable_patterns, frozen_patterns, restored_from=sources, copied_from=copied))
+  if restore_only:
+    return restored_fn(model=model, params=partitioning.to_host(state.params),
+                       method_state=state.method_state, step=start_step, model_dir=model_dir,
+                       task_feature_lengths=task_feature_lengths,
+                       mixture_or_task_name=mixture_or_task_name)
 
-  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"),
+  ckpt = checkpoints.Checkpointer(os.path.join(model_dir, param_sources.CHECKPOINTS_DIR),
                                   save_interval_steps=checkpoint_period,
                                   max_to_keep=keep_checkpoints)
-  state = trainer.create_state(params)
-
-  def checkpoint_tree(s: train_lib.TrainState) -> dict:
-    # Frozen parameters are not saved: they are rebuilt from the initial checkpoint.
-    return {"step": s.step, "params": trainable_subtree(s.params, mask),
-            "opt_state": s.opt_state, "method_state": s.method_state}
-
-  start_step = 0
-  if restore_only and ckpt.latest_step() is None:
-    raise FileNotFoundError(f"MODEL_DIR={model_dir!r} has no checkpoint to restore")
-  if ckpt.latest_step() is not None:
-    restored, data_state = ckpt.restore(target=checkpoints.abstract_state(checkpoint_tree(state)))
-    state = state.replace(step=restored["step"], opt_state=restored["opt_state"],
-                          method_state=restored["method_state"],
-                          params=merge_params(state.params, restored["params"]))
-    start_step = int(restored["step"])
-    logging.info("resumed from %s at step %d (data position %s)", ckpt.directory, start_step,
-                 data_state)
 
   def save(force=False):
     s = int(state.step)
-    ckpt.save(s, checkpoint_tree(state),
+    ckpt.save(s, checkpoint_tree(state, mask),
               data_state={"batches_consumed": s, "data_seed": data_seed}, force=force)
-
-  if restore_only:
-    ckpt.close()
-    return restored_fn(model=model, params=partitioning.to_host(state.params), step=start_step,
-                       model_dir=model_dir, task_feature_lengths=task_feature_lengths,
-                       mixture_or_task_name=mixture_or_task_name)
 
   evaluator = None
   eval_tasks = []
@@ -222,8 +228,7 @@ def train(
   try:
     for step in range(start_step + 1, end + 1):
       batch = next(batches)
-      features = {k: v for k, v in batch.items() if k in train_lib.MODEL_FEATURES or
-                  k in ("decoder_target_tokens", "decoder_loss_weights")}
+      features = {k: v for k, v in batch.items() if k in MODEL_BATCH_FEATURES}
       state, metrics = trainer.step_fn(state, trainer.shard_batch(features), rng)
       losses.append(metrics["loss"])
       n_tokens = int(sum(np.count_nonzero(batch[k]) for k in features
@@ -232,7 +237,8 @@ def train(
                  learning_rate=optimizers.learning_rate_from_state(state.opt_state))
       save(force=step == end)
       if evaluator and (step % eval_period == 0 or step == end):
-        results = evaluator.evaluate(partitioning.to_host(state.params), eval_tasks, eval_split)
+        results = evaluator.evaluate(partitioning.to_host(state.params), eval_tasks, eval_split,
+                                     state.method_state)
         log.write_eval(step, {f"{t}/{m}": v for t, r in results.items() for m, v in r.items()})
         if is_writer:
           logging.info("eval step %d: average %s -> %s", step, results.get("average"),

@@ -30,7 +30,7 @@ targets 16 (see SUGGESTED_TASK_FEATURE_LENGTHS).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import gin
 import seqio
@@ -52,8 +52,7 @@ def register_builtin_suite(
     hyper_modes: Sequence[str] = ("hyper", "concat", "none"),
     num_validation: int = 16,
     config: Optional[builtin_suite.SuiteConfig] = None,
-    max_hyper_length: int = 256,
-    max_inputs_length: int = 32,
+    task_feature_lengths: Mapping[str, int] = SUGGESTED_TASK_FEATURE_LENGTHS,
     prefix: str = "builtin",
     balanced_demos: bool = False,
     relabel_train: bool = False,
@@ -71,8 +70,8 @@ def register_builtin_suite(
     hyper_modes: which of "hyper", "concat", "none" to register.
     num_validation: instances per training task held out as split "validation".
     config: sizes of the suite (default: SuiteConfig(), as bound in gin).
-    max_hyper_length / max_inputs_length: token budgets used to drop whole
-      demonstrations that do not fit (match your task_feature_lengths).
+    task_feature_lengths: the run's TASK_FEATURE_LENGTHS; whole demonstrations that do not
+      fit `hyper_inputs` (or, concatenated with the query, `inputs`) are dropped.
     prefix: name prefix.
     balanced_demos: draw the demonstrations of classification tasks one class at a time
       (with k=2: one per class); see `fewshot.HyperConfig.balanced`.
@@ -96,8 +95,7 @@ def register_builtin_suite(
       max_eval_instances=config.heldout_instances,
       num_validation=num_validation,
       mixing_cap=None,
-      max_hyper_length=max_hyper_length,
-      max_inputs_length=max_inputs_length,
+      task_feature_lengths=task_feature_lengths,
       list_aliases={"test": "heldout"},
       balanced_demos=balanced_demos,
       relabel_pool=builtin_suite.TRAIN_LABEL_WORDS if relabel_train else (),
