@@ -9,7 +9,7 @@ from hypertune.models import decoding, hf_convert
 from hypertune.models.config import t5_config
 from hypertune.models.layers import Attention
 from hypertune.models.peft import Adapter, LoRA, PeftParams, PeftShapeError, Prefix
-from hypertune.models.t5 import T5
+from hypertune.models.t5 import T5, Decoder
 
 CFG = t5_config("tiny", vocab_size=64, d_model=32, d_kv=8, num_heads=4, num_encoder_layers=2,
                 num_decoder_layers=3)  # inner_dim 32, unequal depths
@@ -110,6 +110,22 @@ def test_examples_do_not_leak_into_each_other(model_and_params):
     row = jax.tree.map(lambda a: a[i:i + 1], peft)
     alone = logits(model, params, row, ENC[i:i + 1], DEC[i:i + 1])
     np.testing.assert_allclose(together[i:i + 1], alone, atol=1e-5)
+
+
+def test_unmasked_decoder_reads_the_position_table_one_way_by_default():
+  """One layer: the last query sees every key whether masked or not, so an unmasked decoder with
+  the causal decoder's one-way buckets gives the causal decoder's output there."""
+  cfg = CFG.replace(num_decoder_layers=1)
+  x, enc = rand(1, (B, 5, CFG.d_model)), rand(2, (B, 4, CFG.d_model))
+  enc_mask = jnp.ones((B, 4), bool)
+  params = meta.unbox(Decoder(cfg).init(jax.random.key(0), x, enc, enc_mask))
+  out = lambda **kw: np.asarray(Decoder(cfg, **kw).apply(params, x, enc, enc_mask))
+  causal, unmasked = out(), out(causal=False)
+  np.testing.assert_allclose(unmasked[:, -1], causal[:, -1], atol=1e-5)
+  assert np.abs(unmasked[:, :-1] - causal[:, :-1]).max() > 1e-3  # the mask is gone
+  # Bidirectional buckets (8 in CFG: keys >= 2 back move) change even the last position.
+  two_way = out(causal=False, bidirectional_positions=True)
+  assert np.abs(two_way[:, -1] - causal[:, -1]).max() > 1e-3
 
 
 def test_scan_and_unrolled_are_identical(model_and_params, tmp_path):

@@ -191,6 +191,58 @@ def test_caclm_split():
     pretraining.caclm_split(list(range(30)), random.Random(0))
 
 
+def _abcd_of(objective, ex, sentinels=(7, 8), separator=(-1,)):
+  """(A, B, C, D) back from a CACLM or gist example."""
+  h = ex["hyper_inputs"]
+  if objective == "caclm":
+    assert h[0] == sentinels[0] and h.count(sentinels[1]) == 1
+    a, d = h[1:h.index(sentinels[1])], h[h.index(sentinels[1]) + 1:]
+  else:
+    a, d = h[:h.index(separator[0])], h[h.index(separator[0]) + 1:]
+  return a, ex["inputs"], ex["targets"], d
+
+
+@pytest.mark.parametrize("objective", ["caclm", "gist"])
+@pytest.mark.parametrize("length,b_length,max_target_length", [(512, 32, 128), (128, 8, 16)])
+def test_caclm_split_invariants_over_documents_and_seeds(objective, length, b_length,
+                                                         max_target_length):
+  """Every split: A+B+C+D a contiguous window of the document of min(len, `length`) tokens,
+  |B| == b_length, C fits the target budget with a spare position, no segment under 8."""
+  min_len = 8
+  doc_rng = random.Random(f"{objective}{length}")
+  c_lens = []
+  for doc in range(150):
+    n = doc_rng.randint(b_length + 3 * min_len, 3 * length)
+    start = 100 + doc_rng.randint(0, 10_000)
+    toks = list(range(start, start + n))
+    for seed in range(4):
+      rng = random.Random(fewshot.stable_seed("caclm-test", doc, seed))
+      if objective == "caclm":
+        ex = pretraining.caclm_split(toks, rng, length, b_length, sentinels=(7, 8),
+                                     max_target_length=max_target_length)
+      else:
+        ex = pretraining.gist_split(toks, rng, length, b_length, separator=(-1,),
+                                    max_target_length=max_target_length)
+      a, b, c, d = _abcd_of(objective, ex)
+      window = a + b + c + d
+      assert len(window) == min(n, length)
+      assert window == list(range(window[0], window[0] + len(window)))  # D follows C, ...
+      assert start <= window[0] and window[-1] < start + n  # ... inside the document
+      assert len(b) == b_length
+      assert len(c) + 1 <= max_target_length
+      assert min(len(a), len(c), len(d)) >= min_len, (len(a), len(c), len(d))
+      c_lens.append(len(c))
+  assert max(c_lens) == max_target_length - 1 and min(c_lens) == min_len  # the whole range
+
+
+def test_caclm_split_rejects_a_budget_without_room_for_c():
+  with pytest.raises(ValueError, match="max_target_length=8"):
+    pretraining.caclm_split(list(range(600)), random.Random(0), max_target_length=8)
+  with pytest.raises(ValueError, match="too short"):
+    pretraining.caclm_split(list(range(32 + 3 * 8 - 1)), random.Random(0))
+  assert pretraining.caclm_split(list(range(32 + 3 * 8)), random.Random(0))["targets"]
+
+
 def test_hint_and_gist_split():
   toks = list(range(50))
   ex = pretraining.hint_split(toks, random.Random(1), length=512)

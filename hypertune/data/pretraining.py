@@ -6,15 +6,25 @@ everything else) and return a three-input example of token lists::
 
     {"hyper_inputs": [...], "inputs": [...], "targets": [...]}
 
-* `caclm_split` - HyperT5's Context-Augmented Conditional LM: a window of `length`
-  (512) tokens is cut into consecutive A, B, C, D with |B| = 32; the hypernetwork reads
-  ``<s0> A <s1> D`` (sentinels mark the two segments), the downstream model reads B
-  and predicts C.
+* `caclm_split` - HyperT5's Context-Augmented Conditional LM (section 4.2): "we sample a
+  512-token sequence from a pretraining corpus and split it into four consecutive segments
+  A-D. The downstream model receives segment B as input and predicts segment C [...] The
+  hypermodel receives segments A and D as input", with "segment B very short (32 tokens)"
+  and "Segments A and D are marked by sentinel tokens": the hypernetwork reads
+  ``<s0> A <s1> D``, the downstream model reads B and predicts C.
 * `hint_split` - HINT: three random-length chunks a -> b -> c; the hypernetwork reads
   a, the downstream model reads b and predicts c.
 * `gist_split` - HyperLlama's compression hyperpretraining for decoder-only models:
   A and D concatenated (``A <sep> D``) are compressed into gist tokens (appended by
   the model), the downstream model reads B and predicts C.
+
+CACLM and gist cut A, B, C, D the same way (`_abcd`). The paper fixes only the window
+(512) and |B| (32); the rest is ours: |C| is drawn uniformly from
+``[min_len, max_target_length - 1]`` (C must fit the 128-token target length of
+appendix A, with one position to spare for an EOS, or the feature converter trims it
+and D no longer follows the predicted tokens), then |A| uniformly with |A|, |D| >=
+`min_len` (8: each context side has a few tokens to read). Documents shorter than the
+window are split whole.
 """
 
 from __future__ import annotations
@@ -44,25 +54,28 @@ def _cuts(n: int, k: int, rng: random.Random, min_len: int) -> List[int]:
   return [p + (i + 1) * min_len for i, p in enumerate(pts)]
 
 
-def _abcd(tokens, rng, length, b_length, min_len):
+def _abcd(tokens, rng, length, b_length, min_len, max_target_length):
+  """Consecutive A, B, C, D of one window: |B| = b_length, min_len <= |C| < max_target_length,
+  |A|, |D| >= min_len."""
+  if max_target_length - 1 < min_len:
+    raise ValueError(f"max_target_length={max_target_length} leaves no room for a C of "
+                     f">= {min_len} tokens")
   w = _window(tokens, length, rng)
-  rest = len(w) - b_length
+  rest = len(w) - b_length  # |A| + |C| + |D|
   if rest < 3 * min_len:
-    raise ValueError(f"sequence of {len(w)} tokens too short for CACLM with |B|={b_length}")
-  # A | B(fixed) | C | D: choose |A| and the C/D cut over the remaining tokens.
-  cuts = _cuts(rest, 2, rng, min_len)
-  a_len, cd_cut = cuts[0], cuts[1]
-  a = w[:a_len]
-  b = w[a_len:a_len + b_length]
-  c = w[a_len + b_length: cd_cut + b_length]
-  d = w[cd_cut + b_length:]
-  return a, b, c, d
+    raise ValueError(f"sequence of {len(w)} tokens too short for CACLM with |B|={b_length} "
+                     f"and segments of >= {min_len}")
+  c_len = rng.randint(min_len, min(max_target_length - 1, rest - 2 * min_len))
+  a_len = rng.randint(min_len, rest - c_len - min_len)
+  c_start = a_len + b_length
+  return w[:a_len], w[a_len:c_start], w[c_start:c_start + c_len], w[c_start + c_len:]
 
 
 def caclm_split(tokens: Sequence[int], rng: random.Random, length: int = 512,
                 b_length: int = 32, sentinels: Sequence[int] = T5_CACLM_SENTINELS,
-                min_len: int = 1) -> Dict[str, List[int]]:
-  a, b, c, d = _abcd(tokens, rng, length, b_length, min_len)
+                min_len: int = 8, max_target_length: int = 128) -> Dict[str, List[int]]:
+  """One CACLM example from a window of `length` tokens of `tokens` (see the module doc)."""
+  a, b, c, d = _abcd(tokens, rng, length, b_length, min_len, max_target_length)
   return {"hyper_inputs": [sentinels[0]] + a + [sentinels[1]] + d, "inputs": b, "targets": c}
 
 
@@ -74,9 +87,9 @@ def hint_split(tokens: Sequence[int], rng: random.Random, length: int = 512,
 
 
 def gist_split(tokens: Sequence[int], rng: random.Random, length: int = 512,
-               b_length: int = 32, separator: Sequence[int] = (), min_len: int = 1
-               ) -> Dict[str, List[int]]:
-  a, b, c, d = _abcd(tokens, rng, length, b_length, min_len)
+               b_length: int = 32, separator: Sequence[int] = (), min_len: int = 8,
+               max_target_length: int = 128) -> Dict[str, List[int]]:
+  a, b, c, d = _abcd(tokens, rng, length, b_length, min_len, max_target_length)
   return {"hyper_inputs": a + list(separator) + d, "inputs": b, "targets": c}
 
 

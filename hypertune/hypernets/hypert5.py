@@ -1,13 +1,14 @@
 """HyperT5 (Phang et al., "HyperTuning", section 4 and appendix Figures 7-8).
 
 A T5 encoder reads `hyper_inputs` (few-shot examples / instruction); a T5 decoder *without causal
-mask* reads a fixed set of learned token embeddings (2P for prefixes, 3L for LoRA) while
-cross-attending to it; MLP heads turn the decoder outputs into the downstream model's PEFT
-parameters. Both stacks can be initialised from the downstream T5 (`init_from_downstream`).
+mask* reads a fixed set of learned token embeddings (2P for prefixes, 3P with separate
+cross-attention prefixes, 3L for LoRA) while cross-attending to it; MLP heads turn the decoder
+outputs into the downstream model's PEFT parameters. Both stacks can be initialised from the
+downstream T5 (`init_from_downstream`).
 
     hyper_input_tokens [batch, hyper_len]
       -> hyper_encoder            [batch, hyper_len, d]
-      -> hyper_decoder(tokens)    [batch, 2P | 3L, d]
+      -> hyper_decoder(tokens)    [batch, 2P | 3P | 3L, d]
       -> heads                    PeftParams (prefixes [batch, layers, P, heads, head_dim]
                                               or LoRA on q, v of every attention kind)
 """
@@ -35,6 +36,13 @@ class HyperT5(nn.Module):
     num_hyper_decoder_layers: keep only the first N decoder layers (None: all).
     prefix_len: P, prefix tokens per layer and attention kind.
     lora_rank: R.
+    hyper_decoder_bidirectional_positions: bucket the hyper decoder's relative positions
+      bidirectionally (as the encoder does). Off (default): bucket them one-way, as the causal
+      downstream decoder whose table the hyper decoder is initialised from was trained (keys
+      after the query share the distance-0 bucket); only the causal mask is removed (section 4.1).
+    separate_cross_prefixes: HyperT5-Prefix only. Off (default, the paper's [L, 2, 2, P, H]):
+      the decoder's prefixes serve its self- and cross-attention. On: 3P learned tokens and
+      `cross_k`/`cross_v` heads give the decoder's cross-attention prefixes of its own.
   """
   config: T5Config
   downstream: T5Config
@@ -42,11 +50,16 @@ class HyperT5(nn.Module):
   prefix_len: int = 16
   lora_rank: int = 8
   num_hyper_decoder_layers: Optional[int] = None
+  hyper_decoder_bidirectional_positions: bool = False
+  separate_cross_prefixes: bool = False
 
   def setup(self):
     cfg = self.config
     if self.peft_type not in ("prefix", "lora"):
       raise ValueError(f"HyperT5.peft_type must be 'prefix' or 'lora', got {self.peft_type!r}")
+    if self.separate_cross_prefixes and self.peft_type != "prefix":
+      raise ValueError("HyperT5.separate_cross_prefixes needs peft_type='prefix' (HyperT5-LoRA "
+                       "already generates cross-attention LoRA of its own)")
     dec_cfg = cfg.replace(num_decoder_layers=self.num_hyper_decoder_layers or
                           cfg.num_decoder_layers)
     self.token_embedder = nn.Embed(
@@ -54,16 +67,18 @@ class HyperT5(nn.Module):
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
                                                     ("vocab", "embed")))
     self.hyper_encoder = Encoder(cfg)
-    self.hyper_decoder = Decoder(dec_cfg, causal=False)
+    self.hyper_decoder = Decoder(
+        dec_cfg, causal=False,
+        bidirectional_positions=self.hyper_decoder_bidirectional_positions)
     ds = self.downstream
     if self.peft_type == "prefix":
-      num_tokens = 2 * self.prefix_len
-      out = lambda layers: layers * ds.inner_dim
-      self.heads = {name: MLPHead(cfg.d_model, out(n), dtype=cfg.dtype, name=f"{name}_head")
-                    for name, n in (("enc_k", ds.num_encoder_layers),
-                                    ("enc_v", ds.num_encoder_layers),
-                                    ("dec_k", ds.num_decoder_layers),
-                                    ("dec_v", ds.num_decoder_layers))}
+      kinds = (("enc", ds.num_encoder_layers), ("dec", ds.num_decoder_layers))
+      if self.separate_cross_prefixes:
+        kinds += (("cross", ds.num_decoder_layers),)
+      num_tokens = len(kinds) * self.prefix_len
+      self.heads = {f"{kind}_{kv}": MLPHead(cfg.d_model, n * ds.inner_dim, dtype=cfg.dtype,
+                                            name=f"{kind}_{kv}_head")
+                    for kind, n in kinds for kv in ("k", "v")}
     else:
       if ds.num_encoder_layers != ds.num_decoder_layers:
         raise ValueError("HyperT5-LoRA generates one token per layer of each attention kind and "
@@ -100,10 +115,16 @@ class HyperT5(nn.Module):
 
       enc = Prefix(prefix("enc_k", hidden[:, :p], ds.num_encoder_layers),
                    prefix("enc_v", hidden[:, :p], ds.num_encoder_layers))
-      dec = Prefix(prefix("dec_k", hidden[:, p:], ds.num_decoder_layers),
-                   prefix("dec_v", hidden[:, p:], ds.num_decoder_layers))
-      # The decoder's prefixes serve its self- and cross-attention (the paper's [L, 2, 2, P, H]).
-      return PeftParams(prefixes={"encoder_self": enc, "decoder_self": dec, "decoder_cross": dec})
+      dec = Prefix(prefix("dec_k", hidden[:, p:2 * p], ds.num_decoder_layers),
+                   prefix("dec_v", hidden[:, p:2 * p], ds.num_decoder_layers))
+      if not self.separate_cross_prefixes:
+        # The decoder's prefixes serve its self- and cross-attention (the paper's [L, 2, 2, P, H]).
+        return PeftParams(prefixes={"encoder_self": enc, "decoder_self": dec,
+                                    "decoder_cross": dec})
+      cross = Prefix(prefix("cross_k", hidden[:, 2 * p:], ds.num_decoder_layers),
+                     prefix("cross_v", hidden[:, 2 * p:], ds.num_decoder_layers))
+      return PeftParams(prefixes={"encoder_self": enc, "decoder_self": dec,
+                                  "decoder_cross": cross})
 
     layers, r = ds.num_encoder_layers, self.lora_rank
     lora = {}

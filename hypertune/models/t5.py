@@ -113,9 +113,17 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """T5 decoder stack over embedded inputs; `causal=False` gives HyperT5's hyper decoder."""
+  """T5 decoder stack over embedded inputs; `causal=False` gives HyperT5's hyper decoder.
+
+  Attributes:
+    causal: mask future positions in self-attention.
+    bidirectional_positions: bucket relative positions as the encoder does (separate buckets
+      for keys before and after the query). Independent of `causal`: a hyper decoder copied
+      from the causal decoder keeps its one-way table meaning (False) although it is unmasked.
+  """
   config: T5Config
   causal: bool = True
+  bidirectional_positions: bool = False
 
   @nn.compact
   def __call__(self, embedded, encoded, encoder_mask, peft: Optional[PeftParams] = None,
@@ -126,7 +134,8 @@ class Decoder(nn.Module):
     cfg = self.config
     peft = peft if peft is not None else PeftParams()
     batch, length = embedded.shape[:2]
-    relpos = RelativePositionBias(cfg, bidirectional=not self.causal, name="relpos_bias")
+    relpos = RelativePositionBias(cfg, bidirectional=self.bidirectional_positions,
+                                  name="relpos_bias")
     if decode:
       # The cache is shaped by an init call over the full decode length; afterwards each call is
       # one token at `position`, attending to the whole cache (the attention masks the future).
