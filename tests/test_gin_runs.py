@@ -1,0 +1,153 @@
+"""Every shipped gin file that defines a run is run end to end at tiny size: 2 steps of batch 2
+with an evaluation where the file has one, on the built-in suite or on ../shared/data (skipped
+where it is absent). A run file that does not run fails here."""
+import glob
+import os
+
+import gin
+import numpy as np
+import pytest
+
+from hypertune import gin_utils
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+# Run files: experiments (one per paper setting) and the quickstart's stages and studies.
+# Everything else under gin/ is a fragment (sizes, methods, schedules, data) that they include.
+RUN_FILES = sorted(
+    os.path.relpath(p, GIN_DIR) for p in
+    glob.glob(f"{GIN_DIR}/experiments/**/*.gin", recursive=True) +
+    glob.glob(f"{GIN_DIR}/quickstart/*.gin"))
+
+TINY = ["BATCH_SIZE = 2", "TRAIN_STEPS = 2", "EVAL_PERIOD = 2", "train.eval_batch_size = 4",
+        "train.log_every_steps = 1", "optimizers.linear_warmup_decay.warmup_steps = 0",
+        "train.checkpoint_period = 2"]
+# The papers' T5 at "tiny" size, with the T5 SentencePiece vocabulary of ../shared/data.
+TINY_T5 = ["config.t5_config.size = 'tiny'", "PREFIX_LEN = 2", "LORA_RANK = 2",
+           "hypert5.HyperT5.num_hyper_decoder_layers = 1"]
+LENGTHS = "TASK_FEATURE_LENGTHS = {'hyper_inputs': 64, 'inputs': %d, 'targets': 16}"
+
+
+def test_run_files_found():
+  assert "quickstart/1_downstream.gin" in RUN_FILES
+  assert "experiments/hypert5/p3_hypert5_prefix.gin" in RUN_FILES
+
+
+def _train(path, bindings):
+  from hypertune import trainer  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  gin_utils.parse([path], bindings)
+  gin_utils.check_required_macros()
+  try:
+    return trainer.train()
+  finally:
+    gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def hf_t5_dir(tmp_path_factory):
+  """A Hugging Face T5 (saved by transformers) of the tiny size, with T5's 32,128 ids."""
+  hf_reference = pytest.importorskip("hf_reference")
+  from hypertune.models import config  # pylint: disable=g-import-not-at-top
+  hf_cfg = {k: v for k, v in config.config_to_hf(config.t5_config(size="tiny")).items()
+            if k not in ("architectures", "model_type", "is_encoder_decoder")}
+  hf_reference.torch.manual_seed(0)
+  model = hf_reference.transformers.T5ForConditionalGeneration(
+      hf_reference.transformers.T5Config(**hf_cfg)).eval()
+  d = str(tmp_path_factory.mktemp("hf_t5"))
+  hf_reference.save_untied(model, d)
+  return d
+
+
+def _data_bindings(path, shared, tmp):
+  """Data macros and tiny registration for the source a run file reads."""
+  vocab = f"VOCABULARY_PATH = '{shared}/t5_vocab/spiece.model'"
+  name = os.path.basename(path)
+  if name.startswith("p3_"):
+    return [vocab, f"P3_DATA_DIR = '{shared}/p3'", "p3.register_p3.max_eval_examples = 2",
+            "p3.register_p3.heldout = ['super_glue_cb', 'super_glue_rte']",
+            "p3.register_p3.train_prompts = ['super_glue_boolq_after_reading', "
+            "'glue_mrpc_paraphrase']", "p3.register_p3.k = 2"]
+  if name.startswith("sni_"):
+    return [vocab, f"SNI_DATA_DIR = '{shared}/sni'", "sni.register_sni.max_train_instances = 2",
+            "sni.register_sni.max_eval_instances = 2"]
+  if name.startswith("hyperpretrain_"):
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i}. " + "Some words of running text. " * 30
+                                  for i in range(6)))
+    return [vocab, f"PRETRAIN_TEXT_FILES = ['{corpus}']"]
+  raise ValueError(f"{path}: no tiny data bindings for this run file")
+
+
+@pytest.fixture(scope="module")
+def hyperpretrained(hf_t5_dir, shared_data, tmp_path_factory):
+  """{"prefix" | "lora": a tiny hyperpretraining run of experiments/hypert5/hyperpretrain_*}."""
+  runs = {}
+
+  def get(kind):
+    if kind not in runs:
+      path = f"experiments/hypert5/hyperpretrain_{kind}.gin"
+      tmp = tmp_path_factory.mktemp(f"hyperpretrain_{kind}")
+      runs[kind] = str(tmp / "run"), _train(path, _experiment_bindings(
+          path, hf_t5_dir, shared_data, tmp, None))
+    return runs[kind]
+  return get
+
+
+def _experiment_bindings(path, hf_t5_dir, shared, tmp, hyperpretrained_dir):
+  concat = "fewshot" in path or "t5_mtf.gin" in path and "sni_" in path
+  out = TINY + TINY_T5 + [LENGTHS % (96 if concat else 32), f"MODEL_DIR = '{tmp}/run'",
+                          f"INITIAL_CHECKPOINT_PATH = '{hf_t5_dir}'"]
+  if hyperpretrained_dir:
+    out.append(f"HYPERPRETRAINED_DIR = '{hyperpretrained_dir}'")
+  return out + _data_bindings(path, shared, tmp)
+
+
+@pytest.mark.parametrize("path", [p for p in RUN_FILES if p.startswith("experiments/")])
+def test_experiment_runs_end_to_end(path, hf_t5_dir, shared_data, hyperpretrained, tmp_path):
+  name = os.path.basename(path)
+  if name.startswith("hyperpretrain_"):
+    _, out = hyperpretrained(name[len("hyperpretrain_"):-len(".gin")])
+  else:
+    text = open(os.path.join(GIN_DIR, path)).read()
+    pretrained = None
+    if "HYPERPRETRAINED_DIR" in text:
+      pretrained = hyperpretrained("lora" if "lora" in name else "prefix")[0]
+    out = _train(path, _experiment_bindings(path, hf_t5_dir, shared_data, tmp_path, pretrained))
+    average = out["eval"]["average"]
+    metric = "accuracy" if name.startswith("p3_") else "rougeL"
+    assert 0.0 <= average[metric] <= 100.0, average
+  assert len(out["losses"]) == 2 and np.all(np.isfinite(out["losses"]))
+
+
+QUICKSTART_TINY = TINY + ["config.t5_config.size = 'tiny'", "PREFIX_LEN = 2",
+                          "hypert5.HyperT5.num_hyper_decoder_layers = 1",
+                          "builtin.register_builtin_suite.k = 2"]
+
+
+@pytest.fixture(scope="module")
+def quickstart_stage1(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("stage1"))
+  out = _train("quickstart/1_downstream.gin", QUICKSTART_TINY + [f"MODEL_DIR = '{d}'"])
+  return d, out
+
+
+@pytest.mark.parametrize("path", [p for p in RUN_FILES if p.startswith("quickstart/")])
+def test_quickstart_file_runs_end_to_end(path, quickstart_stage1, tmp_path):
+  from tasks import common  # pylint: disable=g-import-not-at-top
+  if path == "quickstart/1_downstream.gin":
+    _, out = quickstart_stage1
+  else:
+    bindings = QUICKSTART_TINY + [f"MODEL_DIR = '{tmp_path}'",
+                                  f"INITIAL_CHECKPOINT_PATH = '{quickstart_stage1[0]}'"]
+    text = open(os.path.join(GIN_DIR, path)).read()
+    if "INITIAL_CHECKPOINT_PATH" not in text and "stage-1" not in text:
+      bindings.pop()  # trains from scratch
+    # Evaluate on one held-out task of the file's own variant (the run's eval mixture, cut).
+    gin.clear_config()
+    gin_utils.parse([path], bindings)
+    eval_name = gin.query_parameter("%EVAL_MIXTURE_OR_TASK_NAME")
+    gin.clear_config()
+    task = common.mixture_tasks(eval_name)[0]
+    out = _train(path, bindings + [f"EVAL_MIXTURE_OR_TASK_NAME = '{task}'"])
+  assert len(out["losses"]) == 2 and np.all(np.isfinite(out["losses"]))
+  assert out["eval"]["average"]
