@@ -100,7 +100,10 @@ def host_train_batches(mixture_or_task_name: str, batch_size: int,
   part of the examples (seqio `ShardInfo(shard_id, S)`) in batches of `[batch_size // S,
   ...]`; `PartitionedTrainer.shard_batch` assembles the global `[batch_size, ...]` arrays.
   With one shard this is the unsharded stream. Every shard is seeded and deterministic, so
-  skipping the consumed batches resumes in the same order.
+  resuming at `start_step` continues the same stream: the tasks of tasks.common
+  (`register_three_input_task`, `register_merged_task`) seek there, at the cost of generating
+  one epoch whatever the step; seqio Mixtures and other sources read and drop the consumed
+  batches (`common.get_batches`' start_batch, which warns).
   """
   from tasks import common  # pylint: disable=g-import-not-at-top
   layout = partitioning.data_layout(mesh)
@@ -110,8 +113,8 @@ def host_train_batches(mixture_or_task_name: str, batch_size: int,
   shard_info = (seqio.ShardInfo(index=layout.shard_id, num_shards=layout.num_shards)
                 if layout.num_shards > 1 else None)
   return common.get_batches(mixture_or_task_name, "train", batch_size // layout.num_shards,
-                            task_feature_lengths, seed=data_seed,
-                            shard_info=shard_info).skip(start_step).as_numpy_iterator()
+                            task_feature_lengths, seed=data_seed, shard_info=shard_info,
+                            start_batch=start_step).as_numpy_iterator()
 
 
 @gin.configurable(denylist=["train_steps_override"])
@@ -215,8 +218,7 @@ def train(
 
   sigterm = checkpoints.install_sigterm_handler(lambda: (save(force=True),
                                                          ckpt.wait_until_finished()))
-  # The same data order on resume: a seeded, deterministic stream with the consumed batches
-  # skipped.
+  # The same data order on resume: a seeded, deterministic stream read from batch start_step.
   batches = host_train_batches(mixture_or_task_name, batch_size, task_feature_lengths,
                                data_seed, trainer.mesh, start_step)
   log = progress.ProgressLogger(model_dir, total_steps=train_steps, start_step=start_step,
