@@ -3,10 +3,13 @@
     python -m tasks.inspect builtin_train
     python -m tasks.inspect sni_def_2pos_test --spm ../shared/data/t5_vocab/spiece.model
     python -m tasks.inspect p3.super_glue_rte_GPT_3_style --split validation -n 2
+    python -m tasks.inspect sni_def_2pos_concat_test --lengths 1024,1408,128
 
 The source is registered from the name's prefix (builtin*, sni*, p3*, metaicl_<split>*),
-reading ../shared/data/<source> unless --data_dir is given. `<x>`/`<y>` markers are
-shown as "<x>"/"<y>" whatever the vocabulary.
+reading ../shared/data/<source> unless --data_dir is given; S-NI and MetaICL are
+registered with --lengths as their task_feature_lengths (so a concat variant needs the
+long inputs length of its run). `<x>`/`<y>` markers are shown as "<x>"/"<y>" whatever
+the vocabulary.
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(REPO, "..", "shared", "data")
 
 
-def register_for(name: str, data_dir: Optional[str], vocabulary) -> None:
-  """Registers the source a task/mixture name belongs to."""
+def register_for(name: str, data_dir: Optional[str], vocabulary, lengths=None) -> None:
+  """Registers the source a task/mixture name belongs to (S-NI, MetaICL: with `lengths`)."""
+  from hypertune.data import feature_converters  # pylint: disable=g-import-not-at-top
+  lengths = lengths or feature_converters.DEFAULT_TASK_FEATURE_LENGTHS
   from tasks import builtin, metaicl, p3, sni  # pylint: disable=g-import-not-at-top
   if name.startswith("builtin"):
     builtin.register_builtin_suite(data_dir=data_dir, vocabulary=vocabulary)
   elif name.startswith("sni"):
     sni.register_sni(data_dir or os.path.join(SHARED, "sni"), vocabulary,
-                     settings=tuple(sni.sni.SETTINGS), hyper_modes=("hyper", "concat", "none"))
+                     settings=tuple(sni.sni.SETTINGS), hyper_modes=("hyper", "concat", "none"),
+                     task_feature_lengths=lengths)
   elif name.startswith("p3"):
     p3.register_p3(data_dir or os.path.join(SHARED, "p3"), vocabulary)
   elif name.startswith("metaicl_"):
@@ -36,7 +42,7 @@ def register_for(name: str, data_dir: Optional[str], vocabulary) -> None:
     for suffix in ("_concat", "_zeroshot", "_train", "_test"):
       split = split.split(suffix)[0]
     metaicl.register_metaicl(data_dir or os.path.join(SHARED, "metaicl"), split,
-                             vocabulary=vocabulary)
+                             vocabulary=vocabulary, task_feature_lengths=lengths)
   else:
     raise SystemExit(f"don't know which source registers {name!r} "
                      "(prefixes: builtin, sni, p3, metaicl_<split>)")
@@ -104,14 +110,14 @@ def main(argv=None) -> None:
   args = ap.parse_args(argv)
   from tasks import common  # pylint: disable=g-import-not-at-top
   vocab = common.get_vocabulary("sentencepiece", args.spm) if args.spm else common.get_vocabulary()
-  register_for(args.name, args.data_dir, vocab)
+  lh, li, lt = (int(x) for x in args.lengths.split(","))
+  lengths = {"hyper_inputs": lh, "inputs": li, "targets": lt}
+  register_for(args.name, args.data_dir, vocab, lengths)
   try:
     common.get_task_or_mixture(args.name)
   except ValueError as e:
     raise SystemExit(str(e)) from None
-  lh, li, lt = (int(x) for x in args.lengths.split(","))
-  inspect(args.name, args.split, args.n, args.max_stats, vocab,
-          {"hyper_inputs": lh, "inputs": li, "targets": lt})
+  inspect(args.name, args.split, args.n, args.max_stats, vocab, lengths)
 
 
 if __name__ == "__main__":

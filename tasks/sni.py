@@ -11,6 +11,11 @@ Names (``prefix`` defaults to "sni"; ``<setting>`` in hypertune.data.sni.SETTING
 
 Training targets are one output sampled per example and epoch; evaluation keeps all
 outputs as `references` (ROUGE-L / exact match as in S-NI).
+
+Token budgets come from the run's `task_feature_lengths` (gin: %TASK_FEATURE_LENGTHS):
+"hyper_inputs" for what the hypernetwork reads, "inputs" for what the downstream model
+reads in every mode; a "concat" run therefore sets a long "inputs" itself (HyperT5's
+T5-MTF-Few-shot: 1024 + 384 = 1408). gin/tasks/sni.gin configures all of this.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import gin
 import seqio
 
+from hypertune.data import feature_converters
 from hypertune.data import fewshot
 from hypertune.data import sni
 from tasks import common
@@ -32,6 +38,14 @@ def variant_name(prefix: str, setting: Optional[str], mode: str) -> str:
   if mode == "none":
     return prefix + "_zeroshot"
   return prefix + (f"_{setting}" if setting else "") + MODE_SUFFIX[mode]
+
+
+@gin.configurable
+def mixture_name(setting: str = "def_2pos", mode: str = "hyper", split: str = "train",
+                 prefix: str = "sni") -> str:
+  """The mixture `register_sni` registers for (setting, mode, split list), e.g.
+  sni_def_2pos_train; gin/tasks/sni.gin derives MIXTURE_OR_TASK_NAME from it."""
+  return f"{variant_name(prefix, setting, mode)}_{split}"
 
 
 def register_sni_layout(
@@ -47,8 +61,7 @@ def register_sni_layout(
     max_eval_instances: int = 100,
     num_validation: int = 0,
     mixing_cap: Optional[int] = 1000,
-    max_hyper_length: int = 1024,
-    max_inputs_length: int = 384,
+    task_feature_lengths: Mapping[str, int] = feature_converters.DEFAULT_TASK_FEATURE_LENGTHS,
     english_only: bool = True,
     list_aliases: Optional[Mapping[str, str]] = None,
     balanced_demos: bool = False,
@@ -57,10 +70,9 @@ def register_sni_layout(
 ) -> Dict[str, List[str]]:
   """Registers tasks + mixtures for an S-NI-layout directory; returns {mixture: tasks}.
 
+  task_feature_lengths: the run's lengths; see `fewshot.config_for_lengths` (in "concat"
+    mode the instruction and demonstrations are fitted into "inputs" before the query).
   balanced_demos / relabel_pool / permute_alphabets: see `fewshot.HyperConfig`.
-
-  In "concat" mode the downstream budget is max_hyper_length + max_inputs_length
-  (1024 + 384 = 1408, the T5-MTF-Few-shot length of HyperT5 appendix A).
   """
   vocabulary = vocabulary or common.get_vocabulary()
   layout = sni.find_layout(data_dir)
@@ -86,13 +98,10 @@ def register_sni_layout(
       if variant in done_variants:
         continue
       done_variants.add(variant)
-      cfg = fewshot.HyperConfig(
-          hyper_mode=mode, use_instruction=use_instruction, demos=demos, k=k, seed=seed,
-          max_hyper_length=max_hyper_length,
-          max_inputs_length=(max_inputs_length + max_hyper_length if mode == "concat"
-                             else max_inputs_length),
-          balanced=balanced_demos, relabel_pool=tuple(relabel_pool),
-          permute_alphabets=tuple(permute_alphabets))
+      cfg = fewshot.config_for_lengths(
+          task_feature_lengths, hyper_mode=mode, use_instruction=use_instruction,
+          demos=demos, k=k, seed=seed, balanced=balanced_demos,
+          relabel_pool=tuple(relabel_pool), permute_alphabets=tuple(permute_alphabets))
       sizes = {}
       for t in train_tasks + test_tasks:
         name = f"{variant}.{common.safe_name(t.name)}"
@@ -124,12 +133,16 @@ def register_sni(
     vocabulary: Optional[seqio.Vocabulary] = None,
     settings: Sequence[str] = ("def", "def_2pos"),
     hyper_modes: Sequence[str] = ("hyper", "concat"),
+    task_feature_lengths: Mapping[str, int] = feature_converters.DEFAULT_TASK_FEATURE_LENGTHS,
     **kwargs,
 ) -> Dict[str, List[str]]:
   """Registers Super-NaturalInstructions from `data_dir` (see module doc).
 
   E.g. register_sni("../shared/data/sni", common.get_vocabulary("sentencepiece",
-  "../shared/data/t5_vocab/spiece.model")). Only listed English tasks are used.
+  "../shared/data/t5_vocab/spiece.model"), task_feature_lengths={"hyper_inputs": 1024,
+  "inputs": 384, "targets": 128}). Only listed English tasks are used. Other keyword
+  arguments: see `register_sni_layout`.
   """
   return register_sni_layout(data_dir, vocabulary, prefix="sni", settings=settings,
-                             hyper_modes=hyper_modes, **kwargs)
+                             hyper_modes=hyper_modes,
+                             task_feature_lengths=task_feature_lengths, **kwargs)

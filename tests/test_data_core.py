@@ -284,6 +284,60 @@ def test_builder_budget_and_truncation_warning(caplog):
     assert b.stats["test"].truncated == 0
 
 
+def test_config_for_lengths_budgets_every_mode_by_the_run_lengths():
+  lengths = {"hyper_inputs": 40, "inputs": 30, "targets": 8}
+  for mode in fewshot.HYPER_MODES:
+    cfg = fewshot.config_for_lengths(lengths, hyper_mode=mode, k=3)
+    assert (cfg.max_hyper_length, cfg.max_inputs_length, cfg.k) == (40, 30, 3)
+  with pytest.raises(ValueError, match=r"lacks \['hyper_inputs'\]"):
+    fewshot.config_for_lengths({"inputs": 30, "targets": 8})
+
+
+def test_longest_fitting_prefix():
+  assert fewshot.longest_fitting_prefix("aa bb cc dd", 5, len) == "aa bb"
+  assert fewshot.longest_fitting_prefix("aa  bb cc", 8, len) == "aa bb cc"
+  assert fewshot.longest_fitting_prefix("aaaa bb", 3, len) is None
+
+
+def test_long_instruction_is_cut_so_that_the_query_stays_last():
+  """A definition longer than the budget is cut at a word, in front of the query (concat) or
+  alone (hyper); seqio's trimming from the end would otherwise drop the query."""
+  task = _toy_task()
+  task.instruction = " ".join(f"w{i}" for i in range(40))  # 159 characters
+  lengths = {"hyper_inputs": 40, "inputs": 60, "targets": 8}
+  concat = fewshot.ExampleBuilder(
+      task, fewshot.config_for_lengths(lengths, hyper_mode="concat", k=2), T, length_fn=len)
+  for split in ("train", "test"):
+    for raw, e in zip(task.splits[split], concat.examples(split)):
+      assert len(e["inputs"]) + 1 <= 60, e["inputs"]
+      assert e["inputs"].startswith("<x> w0 w1 w2") and e["inputs"].endswith(
+          f"<x> {raw.inputs} <y>")
+    assert concat.stats[split].truncated == 0
+  hyper = fewshot.ExampleBuilder(task, fewshot.config_for_lengths(lengths, k=2), T, length_fn=len)
+  for e in hyper.examples("test"):
+    assert e["hyper_inputs"].startswith("<x> w0 w1") and len(e["hyper_inputs"]) + 1 <= 40
+    assert "<y>" not in e["hyper_inputs"]  # no room left for a demonstration
+  # With room, the whole instruction and the demonstrations are kept.
+  roomy = fewshot.ExampleBuilder(task, fewshot.config_for_lengths(
+      {"hyper_inputs": 400, "inputs": 400}, hyper_mode="concat", k=2), T, length_fn=len)
+  e = next(roomy.examples("test"))
+  assert e["inputs"].startswith(f"<x> {task.instruction} <x> tr") and e["inputs"].count("<y>") == 3
+
+
+def test_truncation_warning_names_the_inputs_length_once_per_split(caplog):
+  task = _toy_task()
+  task.splits["train"].append(fewshot.TaskExample("x" * 50, ("long",)))
+  cfg = fewshot.config_for_lengths({"hyper_inputs": 40, "inputs": 20}, hyper_mode="concat", k=2)
+  b = fewshot.ExampleBuilder(task, cfg, T, length_fn=len)
+  with caplog.at_level(logging.WARNING):
+    for epoch in range(3):
+      list(b.examples("train", epoch))
+  warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+  assert len(warnings) == 1, warnings
+  assert "task toy (train): 1 of 13 examples have inputs longer than 20 tokens" in warnings[0]
+  assert b.stats["train"].truncated == 1  # still counted every epoch
+
+
 # -- feature converters -------------------------------------------------------
 
 def _ds(examples):

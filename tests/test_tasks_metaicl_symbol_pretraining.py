@@ -8,6 +8,7 @@ import tempfile
 
 import pytest
 import seqio
+from test_tasks_sni import SPM, clean_gin, needs_spm, register_from_gin  # pylint: disable=unused-import
 
 from hypertune.data import fewshot
 from hypertune.data import formatting
@@ -61,6 +62,22 @@ def test_metaicl_small(tmp_path):
     metaicl_tasks.register_metaicl(root, "toy")
 
 
+def test_metaicl_budgets_are_the_task_feature_lengths(tmp_path):
+  root = _metaicl_dir(str(tmp_path / "m"))
+  lengths = {"hyper_inputs": 60, "inputs": 50, "targets": 8}
+  out = metaicl_tasks.register_metaicl(root, "toy", hyper_modes=("hyper", "concat"), k=16,
+                                       task_feature_lengths=lengths)
+  assert set(out) == {metaicl_tasks.mixture_name("toy", mode, role)
+                      for mode in ("hyper", "concat") for role in ("train", "test")}
+  for i, ex in enumerate(common.get_examples("metaicl_toy_concat.te_b", "test")):
+    # The whole concatenation fits "inputs" (one position for EOS), the query last.
+    assert len(ex["inputs"].encode()) <= 49 and ex["inputs"].endswith(f"{X} test{i} {Y}")
+    assert ex["inputs"].count(Y) == 3  # 2 demonstrations of ~13 bytes fit, then the query
+  for ex in common.get_examples("metaicl_toy.te_b", "test"):
+    assert len(ex["hyper_inputs"].encode()) <= 59 and ex["hyper_inputs"].count(Y) == 3
+  assert isinstance(seqio.get_mixture_or_task("metaicl_toy_train"), seqio.Task)  # merged
+
+
 @pytest.mark.skipif(not os.path.isdir(METAICL_DIR), reason="../shared/data/metaicl absent")
 def test_metaicl_real_hr_to_lr_loads():
   cfg = metaicl.read_config(METAICL_DIR, "hr_to_lr")
@@ -96,6 +113,13 @@ def test_draw_labels():
       "i" if l[0].isdigit() else ("w" if l in symbol_tuning.WORDS else "l")
       for s in range(300) for l in symbol_tuning.draw_labels(1, random.Random(s)))
   assert len(kinds) == 3
+
+
+def test_draw_labels_for_more_classes_than_words():
+  labels = symbol_tuning.draw_labels(len(symbol_tuning.WORDS) + 1, random.Random(0))
+  assert len(set(labels)) == len(symbol_tuning.WORDS) + 1
+  with pytest.raises(ValueError, match="distinct word labels"):
+    symbol_tuning.draw_labels(len(symbol_tuning.WORDS) + 1, random.Random(0), "word")
 
 
 def test_symbol_tuning_relabels_demos_with_target_mapping():
@@ -136,6 +160,26 @@ def test_register_symbol_tuning():
   assert got["targets_pretokenized"].decode() not in ("bad", "good")
 
 
+def test_symbol_tuning_sources_are_the_classification_tasks_of_mixtures():
+  vocab = seqio.ByteVocabulary()
+  three = fewshot.TaskData("three", {"train": [
+      fewshot.TaskExample(f"x{i}", ("abc"[i % 3],), ("a", "b", "c"), i % 3) for i in range(9)]})
+  choice = fewshot.TaskData("choice", {"train": [
+      fewshot.TaskExample(f"q{i}", (f"o{i}",), (f"o{i}", f"p{i}"), 0) for i in range(6)]})
+  for name, task in (("symmix.cls", _cls_task()), ("symmix.three", three),
+                     ("symmix.choice", choice)):
+    common.register_three_input_task(name, task, fewshot.HyperConfig(k=2), vocab)
+  common.register_mixture("symmix_all", {"symmix.cls": 1.0, "symmix.three": 1.0,
+                                         "symmix.choice": 1.0})
+  # Options that change with every example are multiple choice, not a label set.
+  assert symbol_tasks.classification_sources(["symmix_all"]) == ["symmix.cls", "symmix.three"]
+  assert symbol_tasks.classification_sources(["symmix_all"], max_classes=2) == ["symmix.cls"]
+  out = symbol_tasks.register_symbol_tuning(source_mixtures=["symmix_all"], k=2, max_classes=2)
+  assert out["symbol_train"] == ["symbol.symmix.cls"]
+  with pytest.raises(ValueError, match="no source tasks"):
+    symbol_tasks.register_symbol_tuning(source_mixtures=["symmix_all"], max_classes=1)
+
+
 def test_symbol_eval_results_average_over_seeds_per_source(tmp_path):
   """The evaluator's results (as training, hypertune.eval and the JSON files get them) carry
   a seed average per source task, and the overall average counts each source once."""
@@ -151,7 +195,7 @@ def test_symbol_eval_results_average_over_seeds_per_source(tmp_path):
                                                  range(1, symbol_tuning.NUM_EVAL_SEEDS)]
       for src in ("symsrc.a", "symsrc.b")}
 
-  def fake_rank_classification(params, names, split):
+  def fake_rank_classification(params, names, split, method_state=None):
     # Source a scores 10 * seed, source b 50 on every seed.
     seed = lambda name: 0 if name.startswith("symbol.") else int(name.split(".")[0][len("symbol_s"):])
     return {name: {"accuracy": 10.0 * seed(name) if "symsrc.a" in name else 50.0}
@@ -268,9 +312,11 @@ def test_register_pretraining_from_text(tmp_path):
   for e in exs:
     joined = list(e["hyper_inputs"]) + list(e["inputs"]) + list(e["targets"])
     assert len(joined) == 64 and v.decode(joined) in "word " * 60  # a contiguous window
-  name = pretraining_tasks.register_pretraining("caclm", text_files=[str(f)], length=128, b_length=8)
+  name = pretraining_tasks.register_pretraining(
+      "caclm", text_files=[str(f)], length=128,
+      task_feature_lengths={"hyper_inputs": 128, "inputs": 8, "targets": 16})
   e = next(seqio.get_mixture_or_task(name).get_dataset(None, split="train", shuffle=False).as_numpy_iterator())
-  assert len(e["inputs"]) == 8
+  assert len(e["inputs"]) == 8 and len(e["targets"]) < 16  # |B| = inputs, C fits targets
   with pytest.raises(ValueError, match="unknown objective"):
     pretraining_tasks.register_pretraining("mlm", text_files=[str(f)])
   with pytest.raises(ValueError, match="text_files or a tfds_data_dir"):
@@ -301,7 +347,7 @@ def test_register_pretraining_from_c4_through_tfds(tmp_path):
   lengths = {"hyper_inputs": 128, "inputs": 8, "targets": 128}
   with _mock_c4(docs):
     name = pretraining_tasks.register_pretraining("caclm", tfds_data_dir=str(tmp_path),
-                                                  length=128, b_length=8)
+                                                  length=128, task_feature_lengths=lengths)
     task = seqio.get_mixture_or_task(name)
     exs = list(task.get_dataset(None, split="train", shuffle=False).as_numpy_iterator())
     batch = next(common.get_batches(name, "train", 2, lengths).as_numpy_iterator())
@@ -317,6 +363,43 @@ def test_register_pretraining_from_c4_through_tfds(tmp_path):
   assert batch["hyper_encoder_input_tokens"].shape == (2, 128)
   assert batch["encoder_input_tokens"].shape == (2, 8)
   assert batch["decoder_target_tokens"].shape == (2, 128)
+
+
+@pytest.mark.parametrize("objective", ["caclm", "gist"])
+def test_register_pretraining_fits_every_feature_into_the_run_lengths(tmp_path, objective):
+  """|B| = inputs, C fits targets, and the 512-token window shrinks until the sentinels, A
+  and D always fit hyper_inputs: nothing is trimmed by the feature converter."""
+  f = tmp_path / "corpus.txt"
+  rng = random.Random(0)
+  f.write_text("\n\n".join(" ".join(f"w{rng.randint(0, 99)}" for _ in range(rng.randint(20, 200)))
+                            for _ in range(60)))
+  lengths = {"hyper_inputs": 40, "inputs": 12, "targets": 10}
+  name = pretraining_tasks.register_pretraining(objective, text_files=[str(f)], min_tokens=0,
+                                                task_feature_lengths=lengths)
+  task = seqio.get_mixture_or_task(name)
+  sizes = collections.defaultdict(list)
+  for epoch in task.get_dataset(None, split="train", shuffle=False, num_epochs=3).as_numpy_iterator():
+    for k in lengths:
+      sizes[k].append(len(epoch[k]))
+  assert len(sizes["inputs"]) > 100 and set(sizes["inputs"]) == {12}
+  assert max(sizes["hyper_inputs"]) == 40  # the whole budget is used, never more
+  assert max(sizes["targets"]) <= 10
+  assert pretraining_tasks.fit_window(objective, lengths, 512, 8) == (
+      40 - (2 if objective == "caclm" else 0) + 12 + 8, 12 + 3 * 8)
+  with pytest.raises(ValueError, match="leave a window of"):
+    pretraining_tasks.register_pretraining(
+        objective, text_files=[str(f)],
+        task_feature_lengths={"hyper_inputs": 10, "inputs": 32, "targets": 10})
+  with pytest.raises(ValueError, match="targets length 8 leaves no room"):
+    pretraining_tasks.register_pretraining(
+        objective, text_files=[str(f)],
+        task_feature_lengths={"hyper_inputs": 40, "inputs": 12, "targets": 8})
+
+
+def test_pretraining_keeps_the_window_that_fits():
+  lengths = {"hyper_inputs": 1024, "inputs": 32, "targets": 128}
+  assert pretraining_tasks.fit_window("caclm", lengths, 512, 8) == (512, 56)
+  assert pretraining_tasks.fit_window("hint", {"hyper_inputs": 8, "inputs": 8}, 512, 8) == (512, 24)
 
 
 def test_tfds_temp_dirs_stay_under_pytest_tmp(tmp_path, library_temp_files_under_pytest_tmp):
@@ -341,3 +424,66 @@ def test_register_pretraining_without_c4_names_the_directory(tmp_path, subdir):
   msg = str(err.value)
   assert repr(str(d)) in msg and "c4/en" in msg and "download=False" in msg
   assert not os.path.exists(os.path.join(d, "downloads"))  # nothing was fetched
+
+
+# -- gin/tasks files at tiny size ----------------------------------------------------
+
+TINY_LENGTHS = {"hyper_inputs": 64, "inputs": 64, "targets": 16}
+needs_metaicl = pytest.mark.skipif(not os.path.isdir(METAICL_DIR),
+                                   reason="../shared/data/metaicl absent")
+
+
+def _one_batch(name):
+  batch = next(common.get_batches(name, "train", 2, TINY_LENGTHS).as_numpy_iterator())
+  return {k: v.shape for k, v in batch.items()}
+
+
+@needs_metaicl
+@needs_spm
+@pytest.mark.parametrize("mode, train_name, eval_name", [
+    ("hyper", "metaicl_hr_to_lr_train", "metaicl_hr_to_lr_test"),
+    ("concat", "metaicl_hr_to_lr_concat_train", "metaicl_hr_to_lr_concat_test"),
+    ("none", "metaicl_hr_to_lr_zeroshot_train", "metaicl_hr_to_lr_zeroshot_test"),
+])
+def test_metaicl_gin_registers_its_mixtures_at_tiny_size(clean_gin, mode, train_name, eval_name):
+  bindings = [f'METAICL_DATA_DIR = "{METAICL_DIR}"', f'METAICL_MODE = "{mode}"',
+              "metaicl.register_metaicl.max_eval_examples = 4"]
+  got = register_from_gin("tasks/metaicl.gin", bindings, TINY_LENGTHS)
+  assert got[:3] == (train_name, eval_name, "test") and got[3] < 10
+  assert len(common.mixture_tasks(train_name)) >= 50 and len(common.mixture_tasks(eval_name)) >= 20
+  assert common.get_examples(common.mixture_tasks(eval_name)[0], "test")[0]["answer_choices"]
+  assert _one_batch(train_name)["encoder_input_tokens"] == (2, 64)
+
+
+@needs_metaicl
+@needs_spm
+def test_symbol_tuning_gin_registers_at_tiny_size(clean_gin):
+  bindings = [f'METAICL_DATA_DIR = "{METAICL_DIR}"',
+              "metaicl.register_metaicl.max_eval_examples = 4"]
+  got = register_from_gin("tasks/symbol_tuning.gin", bindings, TINY_LENGTHS)
+  assert got[:3] == ("symbol_train", "symbol_eval", "test") and got[3] < 10
+  train = common.mixture_tasks("symbol_train")
+  assert len(train) >= 20 and all(t.startswith("symbol.metaicl_hr_to_lr.") for t in train)
+  assert "symbol.metaicl_hr_to_lr.discovery" not in train  # 174 classes > k = 16
+  assert len(common.mixture_tasks("symbol_eval")) % symbol_tuning.NUM_EVAL_SEEDS == 0
+  source = common.get_examples("metaicl_hr_to_lr.glue_rte", "test")[0]
+  ex = common.get_examples("symbol_s1.metaicl_hr_to_lr.glue_rte", "test")[0]
+  assert ex["inputs"] == source["inputs"] and ex["answer_choices"] != source["answer_choices"]
+  assert _one_batch("symbol_train")["hyper_encoder_input_tokens"] == (2, 64)
+
+
+@needs_spm
+def test_hyperpretrain_gin_registers_at_tiny_size(clean_gin, tmp_path):
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text("\n".join(json.dumps({"text": " ".join(f"word{i}x{j}" for j in range(150))})
+                              for i in range(4)))
+  got = register_from_gin("tasks/hyperpretrain.gin", [f"PRETRAIN_TEXT_FILES = ['{corpus}']"],
+                          TINY_LENGTHS)
+  assert got[:2] == ("pretrain_caclm", None) and got[3] < 10
+  ex = next(seqio.get_mixture_or_task("pretrain_caclm").get_dataset(
+      None, split="train", shuffle=False).as_numpy_iterator())
+  assert len(ex["inputs"]) == 64 and len(ex["hyper_inputs"]) <= 64 and len(ex["targets"]) < 16
+  assert ex["hyper_inputs"][0] == pretraining.T5_CACLM_SENTINELS[0]  # the T5 vocabulary's
+  assert _one_batch("pretrain_caclm")["hyper_encoder_input_tokens"] == (2, 64)
+  with pytest.raises(ValueError, match="text_files or a tfds_data_dir"):
+    register_from_gin("tasks/hyperpretrain.gin", [], TINY_LENGTHS)

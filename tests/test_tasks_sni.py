@@ -2,8 +2,11 @@
 
 import collections
 import json
+import logging
 import os
+import time
 
+import gin
 import pytest
 import seqio
 
@@ -204,3 +207,109 @@ def test_real_register_sni_end_to_end():
   ds = common.get_batches("sni_def_2pos_test", "test", 2, shuffle=False, num_epochs=1)
   b = next(ds.as_numpy_iterator())
   assert b["hyper_encoder_input_tokens"].shape == (2, 1024)
+
+
+needs_spm = pytest.mark.skipif(not os.path.exists(SPM), reason="T5 vocabulary absent")
+TINY_LENGTHS = {"hyper_inputs": 64, "inputs": 128, "targets": 16}
+
+
+@needs_sni
+@needs_spm
+def test_real_registration_budgets_are_the_task_feature_lengths(caplog):
+  """One length knob: concat inputs fit "inputs" (128) whole with the query last, hyper
+  inputs fit "hyper_inputs" (64), and the truncation warning names 128."""
+  vocab = common.get_vocabulary("sentencepiece", SPM)
+  n_tokens = common.length_fn_for(vocab)
+  tokens = formatting.special_tokens_for(vocab)
+  with caplog.at_level(logging.WARNING):
+    out = sni_tasks.register_sni(SNI_DIR, vocab, settings=("def", "def_2pos"),
+                                 hyper_modes=("hyper", "concat"), max_train_instances=20,
+                                 task_feature_lengths=TINY_LENGTHS)
+    fitted = long_queries = 0
+    for name in out["sni_def_2pos_concat_test"] + out["sni_def_concat_train"][::10]:
+      builder = common.get_builder(name)
+      split = "test" if "test" in builder.task.splits else "train"
+      examples = list(builder.examples(split))  # whole: it warns at the end
+      for raw, ex in zip(builder.task.splits[split], examples):
+        query = formatting.format_concat_inputs("", raw.inputs, tokens)
+        if n_tokens(query) + 1 > 128:
+          long_queries += 1  # the query alone is over: trimmed, and warned about
+          continue
+        assert n_tokens(ex["inputs"]) + 1 <= 128 and ex["inputs"].endswith(query), name
+        assert ex["inputs"].startswith(tokens.x)  # (the cut) definition first
+        fitted += 1
+  assert fitted > 1000 and long_queries > 0
+  warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+  assert warnings and all("longer than 128 tokens" in w for w in warnings)
+  assert not any("384" in w or "1408" in w for w in warnings)
+  for name in out["sni_def_2pos_test"] + out["sni_def_train"][::10]:
+    builder = common.get_builder(name)
+    for split in builder.task.splits:
+      assert all(n_tokens(ex["hyper_inputs"]) + 1 <= 64 for ex in builder.examples(split))
+  # After the feature converter (trimming, then EOS) the query's closing <y> is still there.
+  name = out["sni_def_2pos_concat_test"][0]
+  batch = next(common.get_batches(name, "test", 16, TINY_LENGTHS, shuffle=False,
+                                  num_epochs=1).as_numpy_iterator())
+  y_id = vocab.encode(tokens.y)[-1]
+  raw = common.get_builder(name).task.splits["test"]
+  for row, r in zip(batch["encoder_input_tokens"], raw):
+    ids = [int(t) for t in row if t]
+    fits = n_tokens(formatting.format_concat_inputs("", r.inputs, tokens)) + 1 <= 128
+    assert ids[-1] == 1 and (ids[-2] == y_id or not fits and len(ids) == 128)
+
+
+def _resolve(value):
+  """A gin value as the trainer gets it: evaluated references (`@f()`) called."""
+  if isinstance(value, gin.config.ConfigurableReference) and value.evaluate:
+    return value.scoped_configurable_fn()
+  return value
+
+
+def register_from_gin(task_file, bindings, lengths):
+  """Parse a tiny run with `task_file`, call its setup_tasks as the trainer does; returns
+  (MIXTURE_OR_TASK_NAME, EVAL_MIXTURE_OR_TASK_NAME, train.eval_split, seconds)."""
+  from hypertune import gin_utils  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  gin_utils.parse(["models/t5_tiny.gin", "models/t5_mtf.gin", "runs/train.gin", task_file],
+                  ['MODEL_DIR = "/tmp/unused"', f'VOCABULARY_PATH = "{SPM}"',
+                   f"TASK_FEATURE_LENGTHS = {lengths!r}", *bindings])
+  gin_utils.check_required_macros()
+  start = time.time()
+  for setup in gin.query_parameter("train.setup_tasks"):
+    setup.scoped_configurable_fn()
+  seconds = time.time() - start
+  assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == lengths
+  names = [_resolve(gin.query_parameter(f"%{m}"))
+           for m in ("MIXTURE_OR_TASK_NAME", "EVAL_MIXTURE_OR_TASK_NAME")]
+  return (*names, _resolve(gin.query_parameter("train.eval_split")), seconds)
+
+
+@pytest.fixture
+def clean_gin():
+  yield
+  gin.clear_config()
+
+
+@needs_sni
+@needs_spm
+@pytest.mark.parametrize("bindings, train_name, eval_name", [
+    ([], "sni_def_2pos_train", "sni_def_2pos_test"),
+    (['SNI_SETTING = "def"', 'SNI_MODE = "concat"'], "sni_def_concat_train", "sni_def_concat_test"),
+    (['SNI_MODE = "none"'], "sni_zeroshot_train", "sni_zeroshot_test"),
+])
+def test_sni_gin_registers_its_mixtures_at_tiny_size(clean_gin, bindings, train_name, eval_name):
+  lengths = {"hyper_inputs": 64, "inputs": 64, "targets": 16}
+  tiny = [f'SNI_DATA_DIR = "{SNI_DIR}"', "sni.register_sni.max_train_instances = 2",
+          "sni.register_sni.max_eval_instances = 2"]
+  name, eval_name_got, split, seconds = register_from_gin("tasks/sni.gin", tiny + bindings,
+                                                          lengths)
+  assert (name, eval_name_got, split) == (train_name, eval_name, "test")
+  assert seconds < 10
+  assert len(common.mixture_tasks(name)) == 204 and len(common.mixture_tasks(eval_name)) == 22
+  common.get_task_or_mixture(eval_name)
+  batch = next(common.get_batches(name, "train", 2, lengths).as_numpy_iterator())
+  assert batch["hyper_encoder_input_tokens"].shape == (2, 64)
+  assert batch["encoder_input_tokens"].shape == (2, 64)
+  assert batch["decoder_target_tokens"].shape == (2, 16)
+  ex = common.get_examples(common.mixture_tasks(name)[0], "train")[0]
+  assert (ex["hyper_inputs"] == "") == (name != "sni_def_2pos_train")  # only HyperT5 reads it

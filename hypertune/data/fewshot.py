@@ -40,7 +40,7 @@ import hashlib
 import itertools
 import logging
 import random
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from hypertune.data import formatting
 
@@ -131,6 +131,36 @@ class HyperConfig:
     if len(sizes) > 1 or any(len(set(a)) != len(a) for a in self.permute_alphabets):
       raise ValueError("permute_alphabets must be alphabets of one length without repeated "
                        f"characters, got {self.permute_alphabets!r}")
+
+
+def config_for_lengths(task_feature_lengths: Mapping[str, int], **kwargs) -> HyperConfig:
+  """A HyperConfig whose token budgets are a run's `task_feature_lengths`.
+
+  hyper_inputs budgets the hypernetwork text; inputs budgets what the downstream model
+  reads in every mode: in "concat" mode that is the whole concatenation, demonstrations
+  fitted in front of the query (so a few-shot concatenation run sets a long `inputs`).
+  """
+  missing = [k for k in ("hyper_inputs", "inputs") if k not in task_feature_lengths]
+  if missing:
+    raise ValueError(f"task_feature_lengths {dict(task_feature_lengths)} lacks {missing}")
+  return HyperConfig(max_hyper_length=task_feature_lengths["hyper_inputs"],
+                     max_inputs_length=task_feature_lengths["inputs"], **kwargs)
+
+
+def longest_fitting_prefix(text: str, budget: int, length_fn) -> Optional[str]:
+  """The longest word prefix of `text` with length_fn(prefix) <= budget; None if no word fits.
+
+  Binary search: length_fn is monotone in the prefix up to SentencePiece merges.
+  """
+  words = text.split()
+  lo, hi = 0, len(words)  # the answer n (words kept) lies in [lo, hi]
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if length_fn(" ".join(words[:mid])) <= budget:
+      lo = mid
+    else:
+      hi = mid - 1
+  return " ".join(words[:lo]) if lo else None
 
 
 def stable_seed(*parts) -> int:
@@ -233,9 +263,9 @@ class TruncationStats:
   def report(self, task_name: str, split: str, max_len: Optional[int]) -> None:
     if self.truncated:
       logging.warning(
-          "task %s (%s): %d of %d examples have inputs longer than %s tokens and will be "
-          "truncated by the feature converter", task_name, split, self.truncated,
-          self.total, max_len)
+          "task %s (%s): %d of %d examples have inputs longer than %s tokens (the "
+          "\"inputs\" task feature length) and will be truncated by the feature converter",
+          task_name, split, self.truncated, self.total, max_len)
 
 
 class ExampleBuilder:
@@ -255,6 +285,8 @@ class ExampleBuilder:
     self.tokens = tokens
     self.length_fn = functools.lru_cache(maxsize=1 << 16)(length_fn) if length_fn else None
     self.stats: Dict[str, TruncationStats] = {}
+    self._instructions: Dict[int, Optional[str]] = {}  # budget -> instruction cut to it
+    self._warned = set()  # splits already warned about (once, not every epoch)
 
   # -- demonstrations -------------------------------------------------------
   def eval_demonstrations(self) -> List[Demonstration]:
@@ -266,8 +298,20 @@ class ExampleBuilder:
       return list(self.task.positive_examples[: c.k])
     return fixed_demonstrations(eval_pool(self.task), c.k, c.seed, self.task.name, c.balanced)
 
-  def _instruction(self) -> Optional[str]:
-    return self.task.instruction if self.config.use_instruction else None
+  def _instruction(self, budget: Optional[int] = None) -> Optional[str]:
+    """The instruction (if used), cut at a word so that `<x> instruction` fits `budget`.
+
+    Uncut, a long definition would be trimmed by the feature converter from the end,
+    taking the demonstrations with it, and in "concat" mode the query.
+    """
+    text = self.task.instruction if self.config.use_instruction else None
+    if not text or budget is None:
+      return text
+    if budget not in self._instructions:
+      marked = lambda s: self.length_fn(f"{self.tokens.x} {s}")
+      self._instructions[budget] = (text if marked(" ".join(text.split())) <= budget
+                                    else longest_fitting_prefix(text, budget, marked))
+    return self._instructions[budget]
 
   def _budget(self, n: Optional[int]) -> Optional[int]:
     # One position is reserved for the EOS that the output feature appends.
@@ -277,16 +321,16 @@ class ExampleBuilder:
     """Formatted instruction+demos for the configured mode, within its budget."""
     c = self.config
     if c.hyper_mode == "hyper":
-      return formatting.format_hyper_inputs(
-          self._instruction(), demos, self.tokens, self.length_fn,
-          self._budget(c.max_hyper_length))
-    # concat: the demos share the downstream budget with the query.
-    budget = self._budget(c.max_inputs_length)
-    if budget is not None:
-      budget -= self.length_fn(formatting.format_concat_inputs("", query, self.tokens)) + 1
-      budget = max(budget, 0)
+      budget = self._budget(c.max_hyper_length)
+    else:
+      # concat: instruction and demos share the downstream budget with the query, which
+      # comes last (one token spare for the join).
+      budget = self._budget(c.max_inputs_length)
+      if budget is not None:
+        budget -= self.length_fn(formatting.format_concat_inputs("", query, self.tokens)) + 1
+        budget = max(budget, 0)
     return formatting.format_hyper_inputs(
-        self._instruction(), demos, self.tokens, self.length_fn, budget)
+        self._instruction(budget), demos, self.tokens, self.length_fn, budget)
 
   def eval_hyper_inputs(self) -> str:
     """hyper_inputs shared by all evaluation queries (mode "hyper")."""
@@ -356,4 +400,10 @@ class ExampleBuilder:
       demos = self.eval_demonstrations() if need_demos else []
       for i, ex in enumerate(data):
         yield self._assemble(ex, ex.outputs[0], demos, i, stats)
-    stats.report(self.task.name, split, c.max_inputs_length)
+    self.report(split, stats)
+
+  def report(self, split: str, stats: TruncationStats) -> None:
+    """Warns about truncated inputs of `split`, once per builder and split."""
+    if stats.truncated and split not in self._warned:
+      self._warned.add(split)
+      stats.report(self.task.name, split, self.config.max_inputs_length)

@@ -27,8 +27,12 @@ copper crystal feather pillow blanket kettle lantern anchor harbor valley canyon
 
 
 def draw_labels(n: int, rng: random.Random, kind: str = None) -> List[str]:
-  """n distinct random label strings of one kind (random kind if None)."""
-  kind = kind or rng.choice(LABEL_KINDS)
+  """n distinct random label strings of one kind (random kind if None; "word" only for
+  n <= len(WORDS))."""
+  if kind is None:
+    kind = rng.choice(LABEL_KINDS if n <= len(WORDS) else ("letters", "integer"))
+  elif kind == "word" and n > len(WORDS):
+    raise ValueError(f"{n} distinct word labels asked for; there are {len(WORDS)} words")
   out: List[str] = []
   while len(out) < n:
     if kind == "word":
@@ -42,6 +46,19 @@ def draw_labels(n: int, rng: random.Random, kind: str = None) -> List[str]:
     if s not in out:
       out.append(s)
   return out
+
+
+def is_classification(task: fewshot.TaskData) -> bool:
+  """Every example has a label among one label set shared by the whole task."""
+  exs = [e for split in task.splits.values() for e in split]
+  if not exs or not exs[0].answer_choices:
+    return False
+  return all(e.label >= 0 and e.answer_choices == exs[0].answer_choices for e in exs)
+
+
+def num_classes(task: fewshot.TaskData) -> int:
+  """Size of the label set of a classification task (`is_classification`)."""
+  return len(next(e for split in task.splits.values() for e in split).answer_choices)
 
 
 class SymbolTuningBuilder(fewshot.ExampleBuilder):
@@ -84,7 +101,7 @@ class SymbolTuningBuilder(fewshot.ExampleBuilder):
             pool, c.k, random.Random(demo_rng.random()), exclude_index=i if pool is data else None)
         rng = random.Random(fewshot.stable_seed("symbol-eval", self.eval_seed, self.task.name, i))
         yield self._emit(ex, demos_ex, draw_labels(n_classes, rng), i, stats)
-    stats.report(self.task.name, split, c.max_inputs_length)
+    self.report(split, stats)
 
   def _emit(self, ex, demo_examples, mapping, i, stats):
     target = fewshot.relabel(ex, mapping)
