@@ -50,15 +50,9 @@ EVAL_SPLIT = "validation"
 
 def _config(mode: str, k: int, seed: int,
             task_feature_lengths: Mapping[str, int]) -> fewshot.HyperConfig:
-  """Budgets from the run's lengths: hyper_inputs for the demos of mode hyper; inputs for
-  the downstream input in every mode (in concat mode: demonstrations + query)."""
-  missing = {"hyper_inputs", "inputs"} - set(task_feature_lengths)
-  if missing:
-    raise ValueError(f"task_feature_lengths {dict(task_feature_lengths)} lacks {sorted(missing)}")
-  return fewshot.HyperConfig(
-      hyper_mode=mode, use_instruction=False, demos="sampled", k=k, seed=seed,
-      max_hyper_length=task_feature_lengths["hyper_inputs"],
-      max_inputs_length=task_feature_lengths["inputs"])
+  """P3's formatting (no instruction, sampled demonstrations) within the run's lengths."""
+  return fewshot.config_for_lengths(task_feature_lengths, hyper_mode=mode,
+                                    use_instruction=False, demos="sampled", k=k, seed=seed)
 
 
 def heldout_task_data(data_dir: str, spec: p3.HeldoutDataset, template: p3.Template,

@@ -58,3 +58,14 @@ def save_untied(model, directory: str):
   with open(f"{directory}/config.json", "w") as f:
     json.dump(config, f)
   return transformers.T5ForConditionalGeneration.from_pretrained(directory).eval()
+
+
+def save_hf_t5_like(config, directory: str) -> str:
+  """A random Hugging Face T5 with hypertune `config`'s shapes, saved untied to `directory`."""
+  from hypertune.models.config import config_to_hf  # pylint: disable=g-import-not-at-top
+  hf_cfg = {k: v for k, v in config_to_hf(config).items()
+            if k not in ("architectures", "model_type", "is_encoder_decoder")}
+  torch.manual_seed(0)
+  save_untied(transformers.T5ForConditionalGeneration(transformers.T5Config(**hf_cfg)).eval(),
+              directory)
+  return directory

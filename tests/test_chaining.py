@@ -2,12 +2,12 @@
 both (HyperT5's recipe), with run directories that load on their own."""
 import os
 
-import gin
+import gin_training
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from hypertune import gin_utils, param_sources
+from hypertune import param_sources
 
 hf_reference = pytest.importorskip("hf_reference")  # skips without torch / transformers
 
@@ -19,26 +19,21 @@ MODEL = ["config.t5_config.size = 'tiny'", "config.t5_config.vocab_size = 384",
          "hypert5.HyperT5.num_hyper_decoder_layers = 1", "BATCH_SIZE = 2", "TRAIN_STEPS = 3",
          "train.log_every_steps = 1", "optimizers.linear_warmup_decay.warmup_steps = 0",
          "EVAL_PERIOD = 0"]
+TINY_384 = dict(size="tiny", vocab_size=384, dropout_rate=0.0, scan_layers=False)
 CORPUS = "\n\n".join(
     f"Document {i}: the hypernetwork reads the beginning and the end of this text, and the "
     f"downstream model continues the middle of it, {i} times over. " * 3 for i in range(8))
 
 
 def _train(files, model_dir, *bindings):
-  from hypertune import trainer  # pylint: disable=g-import-not-at-top
-  gin.clear_config()
-  gin_utils.parse(files, MODEL + [f"MODEL_DIR = '{model_dir}'", *bindings])
-  try:
-    return trainer.train()
-  finally:
-    gin.clear_config()
+  return gin_training.train(files, MODEL + [f"MODEL_DIR = '{model_dir}'", *bindings])
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
   """A Hugging Face T5 saved by `transformers`, shaped like the tiny config above."""
   from hypertune.models import config  # pylint: disable=g-import-not-at-top
-  cfg = config.t5_config(size="tiny", vocab_size=384, dropout_rate=0.0, scan_layers=False)
+  cfg = config.t5_config(**TINY_384)
   hf_cfg = {k: v for k, v in config.config_to_hf(cfg).items()
             if k not in ("architectures", "model_type", "is_encoder_decoder")}
   torch = hf_reference.torch
@@ -68,7 +63,7 @@ def hyperpretrained(hf_dir, tmp_path_factory):
 def _hf_params(hf_dir):
   """The Hugging Face weights in this config's (unscanned) layout, flat."""
   from hypertune.models import config, hf_convert  # pylint: disable=g-import-not-at-top
-  cfg = config.t5_config(size="tiny", vocab_size=384, dropout_rate=0.0, scan_layers=False)
+  cfg = config.t5_config(**TINY_384)
   return {k: np.asarray(v) for k, v in
           flatten_dict(hf_convert.load_hf_t5(hf_dir, config=cfg)[1], sep="/").items()}
 

@@ -5,6 +5,7 @@ import glob
 import os
 
 import gin
+import gin_training
 import numpy as np
 import pytest
 
@@ -33,14 +34,7 @@ def test_run_files_found():
 
 
 def _train(path, bindings):
-  from hypertune import trainer  # pylint: disable=g-import-not-at-top
-  gin.clear_config()
-  gin_utils.parse([path], bindings)
-  gin_utils.check_required_macros()
-  try:
-    return trainer.train()
-  finally:
-    gin.clear_config()
+  return gin_training.train([path], bindings)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +42,8 @@ def hf_t5_dir(tmp_path_factory):
   """A Hugging Face T5 (saved by transformers) of the tiny size, with T5's 32,128 ids."""
   hf_reference = pytest.importorskip("hf_reference")
   from hypertune.models import config  # pylint: disable=g-import-not-at-top
-  hf_cfg = {k: v for k, v in config.config_to_hf(config.t5_config(size="tiny")).items()
-            if k not in ("architectures", "model_type", "is_encoder_decoder")}
-  hf_reference.torch.manual_seed(0)
-  model = hf_reference.transformers.T5ForConditionalGeneration(
-      hf_reference.transformers.T5Config(**hf_cfg)).eval()
-  d = str(tmp_path_factory.mktemp("hf_t5"))
-  hf_reference.save_untied(model, d)
-  return d
+  return hf_reference.save_hf_t5_like(config.t5_config(size="tiny"),
+                                      str(tmp_path_factory.mktemp("hf_t5")))
 
 
 def _data_bindings(path, shared, tmp):
@@ -65,8 +53,8 @@ def _data_bindings(path, shared, tmp):
   if name.startswith("p3_"):
     return [vocab, f"P3_DATA_DIR = '{shared}/p3'", "p3.register_p3.max_eval_examples = 2",
             "p3.register_p3.heldout = ['super_glue_cb', 'super_glue_rte']",
-            "p3.register_p3.train_prompts = ['super_glue_boolq_after_reading', "
-            "'glue_mrpc_paraphrase']", "p3.register_p3.k = 2"]
+            "p3.register_p3.train_prompts = ['ag_news_classify', "
+            "'glue_mrpc_equivalent']", "p3.register_p3.k = 2"]
   if name.startswith("sni_"):
     return [vocab, f"SNI_DATA_DIR = '{shared}/sni'", "sni.register_sni.max_train_instances = 2",
             "sni.register_sni.max_eval_instances = 2"]

@@ -6,12 +6,12 @@ import os
 
 import flax.linen as nn
 import gin
+import gin_training
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hypertune import gin_utils
 from hypertune.models import base
 from hypertune.models.peft import PeftParams
 
@@ -93,14 +93,8 @@ class MemoryHypernet(nn.Module):
 
 
 def _train(tmp_path, *bindings):
-  from hypertune import trainer  # pylint: disable=g-import-not-at-top
-  gin.clear_config()
-  gin_utils.parse(["quickstart.gin", "models/t5_mtf.gin"], TINY + [
-      f"MODEL_DIR = '{tmp_path}'", *bindings])
-  try:
-    return trainer.train()
-  finally:
-    gin.clear_config()
+  return gin_training.train(["quickstart.gin", "models/t5_mtf.gin"],
+                            TINY + [f"MODEL_DIR = '{tmp_path}'", *bindings])
 
 
 def _heldout_tasks():

@@ -325,8 +325,8 @@ def test_gin_tasks_p3_registers_with_the_runs_lengths_and_split():
          "p3.register_p3.heldout = ['super_glue_cb']", "p3.register_p3.max_eval_examples = 2",
          "p3.register_p3.train_prompts = ['ag_news_classify']",
          "p3.register_p3.hyper_modes = ['hyper', 'concat']"])
-    assert gin.query_parameter("train.eval_split") == p3_tasks.EVAL_SPLIT
-    assert gin.query_parameter("evaluation.evaluate_checkpoint.split") == p3_tasks.EVAL_SPLIT
+    # EVAL_SPLIT is read by train.eval_split and by runs/eval.gin's evaluate_checkpoint.split.
+    assert gin.query_parameter("%EVAL_SPLIT") == p3_tasks.EVAL_SPLIT
     out = p3_tasks.register_p3()  # every argument from gin, as train.setup_tasks calls it
     assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") in out
     assert gin.query_parameter("%EVAL_MIXTURE_OR_TASK_NAME") in out

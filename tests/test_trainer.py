@@ -7,6 +7,7 @@ import sys
 import tempfile
 
 import gin
+import gin_training
 import numpy as np
 import pytest
 
@@ -18,13 +19,7 @@ TINY = ["config.t5_config.size = 'tiny'", "BATCH_SIZE = 8", "train.log_every_ste
 
 
 def run(stage_file, model_dir, *bindings):
-  from hypertune import trainer
-  gin.clear_config()
-  gin_utils.parse([stage_file], TINY + [f"MODEL_DIR = '{model_dir}'", *bindings])
-  try:
-    return trainer.train()
-  finally:
-    gin.clear_config()
+  return gin_training.train([stage_file], TINY + [f"MODEL_DIR = '{model_dir}'", *bindings])
 
 
 @pytest.fixture(scope="module")
