@@ -27,10 +27,12 @@ setuptools.setup(
         "safetensors>=0.4",
         "tensorboardX>=2.6",
         "jinja2>=3",
+        "matplotlib>=3.8",
     ],
     entry_points={"console_scripts": ["hypertune-train=hypertune.train:main",
                                       "hypertune-eval=hypertune.eval:main",
-                                      "hypertune-infer=hypertune.infer:main"]},
+                                      "hypertune-infer=hypertune.infer:main",
+                                      "hypertune-plot=hypertune.plot:main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],
         # Used only by parity tests and benchmarks; torch pinned to the local CPU wheel.

@@ -1,7 +1,11 @@
 """Training progress: one log line per period and TensorBoard scalars.
 
 Scalars go to ``MODEL_DIR/train`` and ``MODEL_DIR/eval`` through ``tensorboardX`` (pure
-Python + protobuf; it does not import TensorFlow), only on process 0.
+Python + protobuf; it does not import TensorFlow), only on process 0. Each training log line is
+also appended to ``MODEL_DIR/train/metrics.jsonl`` as one JSON object (``step``, the period's
+mean metrics such as ``loss``, ``learning_rate``, ``steps_per_second``, ``tokens_per_second``):
+plain text that plots and scripts read back without a TensorBoard parser (``hypertune.plot``).
+A resumed run appends, so a step may appear twice; readers keep its last record.
 
 A log line looks like::
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import json
 import logging
 import os
 import time
@@ -20,7 +25,10 @@ from typing import Callable, Deque, Dict, Mapping, Optional
 import gin
 import numpy as np
 
-__all__ = ["ProgressLogger", "format_eta"]
+__all__ = ["ProgressLogger", "format_eta", "format_metric", "read_metrics_jsonl", "METRICS_JSONL"]
+
+# Training metrics, one JSON object per log line, under ``MODEL_DIR``.
+METRICS_JSONL = os.path.join("train", "metrics.jsonl")
 
 
 def format_eta(seconds: Optional[float]) -> str:
@@ -32,6 +40,35 @@ def format_eta(seconds: Optional[float]) -> str:
 
 def _scalar(x) -> float:
     return float(np.asarray(x))
+
+
+def _is_count(name: str) -> bool:
+    """Counts (``num_tokens``, ``average/rougeL/num_tasks``) print as integers, not ``35.2500``."""
+    return name.rsplit("/", 1)[-1].startswith("num_")
+
+
+def format_metric(name: str, value) -> str:
+    """``name value``: counts as integers with thousands separators (a period's mean count is
+    rounded; TensorBoard and metrics.jsonl keep the exact mean), other metrics with 4 decimals."""
+    v = _scalar(value)
+    if _is_count(name) and np.isfinite(v):
+        return f"{name} {int(round(v)):,d}"
+    return f"{name} {v:.4f}"
+
+
+def read_metrics_jsonl(model_dir: str) -> list:
+    """The records of ``model_dir/train/metrics.jsonl`` sorted by step, one per step (the last
+    written: a resumed run re-logs the steps after its checkpoint); [] when the file is absent."""
+    path = os.path.join(model_dir, METRICS_JSONL)
+    if not os.path.exists(path):
+        return []
+    by_step = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
 
 
 @gin.configurable(denylist=["model_dir", "total_steps", "start_step", "clock", "print_fn"])
@@ -59,6 +96,8 @@ class ProgressLogger:
       eta_window: number of recent logging periods whose mean step time drives the ETA
         (a moving average that forgets compilation and warm-up).
       write_tensorboard: write event files (process 0 only).
+      write_jsonl: append each training log line to ``model_dir/train/metrics.jsonl``
+        (process 0 only).
       clock: time source, injectable for tests.
       print_fn: line sink (default ``logging.info``).
     """
@@ -71,6 +110,7 @@ class ProgressLogger:
         log_every_steps: int = 100,
         eta_window: int = 10,
         write_tensorboard: bool = True,
+        write_jsonl: bool = True,
         clock: Callable[[], float] = time.perf_counter,
         print_fn: Optional[Callable[[str], None]] = None,
     ):
@@ -89,11 +129,13 @@ class ProgressLogger:
         self._step_times: Deque[float] = collections.deque(maxlen=max(int(eta_window), 1))
         self._writers: Dict[str, object] = {}
         self.model_dir = model_dir
-        self._tb = bool(write_tensorboard and model_dir)
-        if self._tb:
+        writer = bool(model_dir)
+        if writer and (write_tensorboard or write_jsonl):
             import jax
 
-            self._tb = jax.process_index() == 0
+            writer = jax.process_index() == 0
+        self._tb = writer and bool(write_tensorboard)
+        self._jsonl = writer and bool(write_jsonl)
         self.last_line: Optional[str] = None
 
     # -- writers -----------------------------------------------------------------------
@@ -115,6 +157,16 @@ class ProgressLogger:
         for name, value in scalars.items():
             w.add_scalar(name, _scalar(value), global_step=int(step))
         w.flush()
+
+    def _append_jsonl(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Appends ``{"step": step, **scalars}`` to ``model_dir/train/metrics.jsonl``."""
+        if not self._jsonl:
+            return
+        path = os.path.join(self.model_dir, METRICS_JSONL)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        record = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     # -- train -------------------------------------------------------------------------
 
@@ -155,8 +207,9 @@ class ProgressLogger:
         tokens_per_s = self._tokens / elapsed
         steps_per_s = steps / elapsed
         remaining = max(self.total_steps - step, 0)
-        parts = [f"step {step}/{self.total_steps}"]
-        parts += [f"{k} {v:.4f}" for k, v in means.items()]
+        # int(): a step passed as 4.0 or a 0-d array still prints as "step 4/100".
+        parts = [f"step {int(step)}/{self.total_steps}"]
+        parts += [format_metric(k, v) for k, v in means.items()]
         lr = None if self._lr is None else _scalar(self._lr)
         if lr is not None:
             parts.append(f"lr {lr:.2e}")
@@ -172,6 +225,10 @@ class ProgressLogger:
         scalars["timing/steps_per_second"] = steps_per_s
         scalars["timing/tokens_per_second"] = tokens_per_s
         self.write_scalars("train", step, scalars)
+        # The same numbers under plain names (no TensorBoard "timing/" group).
+        record = {k: v for k, v in scalars.items() if not k.startswith("timing/")}
+        record.update(steps_per_second=steps_per_s, tokens_per_second=tokens_per_s)
+        self._append_jsonl(step, record)
         self._sums, self._count, self._tokens = {}, 0, 0.0
         self._period_start_time = now
         self._period_start_step = step
@@ -184,7 +241,7 @@ class ProgressLogger:
         ``model_dir/eval`` and prints the averages (per-task numbers of a hundred tasks would
         bury the progress lines; they are in TensorBoard and the results JSON)."""
         shown = {k: v for k, v in metrics.items() if k.startswith("average/")} or metrics
-        line = f"eval @ step {step} | " + " | ".join(f"{k} {_scalar(v):.4f}" for k, v in shown.items())
+        line = f"eval @ step {int(step)} | " + " | ".join(format_metric(k, v) for k, v in shown.items())
         self._print(line)
         self.write_scalars("eval", step, metrics)
         return line

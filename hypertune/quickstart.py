@@ -11,8 +11,11 @@ through the real binaries:
   3. fine-tune stage 1's model further with the demonstrations concatenated before `inputs`
      (3_fewshot.gin): the few-shot concatenation baseline;
 then evaluate each on the held-out tasks and on new queries of seen tasks (every 20th
-training task's validation split), and print a table per held-out subset. Extra `--gin.*`
-flags go to every stage (e.g. `--gin.TRAIN_STEPS=100` for a smoke run).
+training task's validation split), and print a table per held-out subset. Writes
+`MODEL_DIR/results.txt` (the table), `results.png` (the table as grouped bars) and `curves.png`
+(the training loss of the three stages). Before each stage it prints the run's elapsed time and
+an ETA for the whole run. Extra `--gin.*` flags go to every stage (e.g. `--gin.TRAIN_STEPS=100`
+for a smoke run).
 `--downstream_checkpoint=PATH` starts stage 1 from your checkpoint (a Hugging Face T5
 directory or a hypertune run) instead of random weights; pass the flags that match it
 (`--gin.config.t5_config.size=...`, vocabulary).
@@ -20,6 +23,7 @@ directory or a hypertune run) instead of random weights; pass the flags that mat
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -51,15 +55,48 @@ COLUMNS = (
     ("held-out EM", None, "exact_match"),
 )
 
+# results.png's group labels for COLUMNS.
+PLOT_LABELS = {
+    "seen acc": "seen tasks\naccuracy", "seen EM": "seen tasks\nEM",
+    "families acc": "held-out families\naccuracy", "families EM": "held-out families\nEM",
+    "compos. EM": "compositions\nEM", "new words acc": "new label words\naccuracy",
+    "new words EM": "new label words\nEM", "held-out acc": "all held-out\naccuracy",
+    "held-out EM": "all held-out\nEM",
+}
+# Whole-run ETA, in units of one training step: a training stage costs its steps plus
+# TRAIN_OVERHEAD_STEPS (start-up, compilation, its evaluation over the held-out tasks), an
+# evaluation EVAL_STEPS, whatever the steps (at 4 steps a stage, on 2 shared cores, training
+# stages took 50-165 s and evaluations 45-100 s, about 3/4 of a training stage). The ETA is the
+# run's own seconds per unit so far times the units left (stage 1, the cheapest per step, makes
+# the first of these low); before any stage has finished, PRIOR_SECONDS_PER_STEP: the default
+# run's 13 minutes on 2 cores over its 3,500 steps + 3 * 400 + 3 * 300 units.
+TRAIN_OVERHEAD_STEPS = 400
+EVAL_STEPS = 300
+PRIOR_SECONDS_PER_STEP = 0.14
+
+
+def _step_of(path: str) -> int:
+  """N of `.../<name>_step<N>.json`."""
+  return int(path.rsplit("step", 1)[1].split(".")[0])
+
+
+def _results_files(run_dir: str, name: str):
+  """A run's `eval/<name>_step<N>.json` files, oldest step first."""
+  return sorted(glob.glob(os.path.join(run_dir, "eval", f"{name}_step*.json")), key=_step_of)
+
 
 def latest_results(run_dir: str, name: str = "results") -> dict:
   """The newest `eval/<name>_step<N>.json` of a run."""
-  files = sorted(glob.glob(os.path.join(run_dir, "eval", f"{name}_step*.json")),
-                 key=lambda p: int(p.rsplit("step", 1)[1].split(".")[0]))
+  files = _results_files(run_dir, name)
   if not files:
     raise FileNotFoundError(f"{run_dir}: the run wrote no eval/{name}_step*.json")
   with open(files[-1]) as f:
     return json.load(f)
+
+
+def latest_step(run_dir: str, name: str = "results") -> int:
+  """The step of the newest `eval/<name>_step<N>.json` of a run: the steps it trained."""
+  return _step_of(_results_files(run_dir, name)[-1])
 
 
 def subset_lists(seed: int = 0) -> dict:
@@ -118,6 +155,63 @@ def parse_args(argv):
   return model_dir, downstream_checkpoint, gin_flags
 
 
+def planned_steps(flags, gin_flags) -> int:
+  """TRAIN_STEPS of a stage: the last `--gin.TRAIN_STEPS=N` of `gin_flags`, else its gin file's
+  `TRAIN_STEPS = N` (0 where neither sets it: the ETA then counts only its overhead). For the
+  ETA only: a `--gin_file` of the user's that sets TRAIN_STEPS is not read."""
+  for flag in reversed(gin_flags):
+    if flag.startswith("--gin.TRAIN_STEPS="):
+      return int(flag.split("=", 1)[1].strip("'\""))
+  from hypertune import gin_utils  # pylint: disable=g-import-not-at-top
+  for flag in flags:
+    if flag.startswith("--gin_file="):
+      with open(os.path.join(gin_utils.REPO_GIN_DIR, flag.split("=", 1)[1])) as f:
+        found = re.findall(r"^TRAIN_STEPS\s*=\s*(\d+)", f.read(), re.MULTILINE)
+      if found:
+        return int(found[-1])
+  return 0
+
+
+def format_clock(seconds: float) -> str:
+  """M:SS (minutes past 59 stay minutes: 75:03)."""
+  minutes, secs = divmod(int(round(max(seconds, 0.0))), 60)
+  return f"{minutes}:{secs:02d}"
+
+
+def whole_run_eta(weights, done: int, elapsed: float):
+  """(seconds left for the whole run, whether from the prior): `weights` are the stages' costs
+  in training steps (see TRAIN_OVERHEAD_STEPS), the first `done` of them finished."""
+  done_weight = sum(weights[:done])
+  if done == 0 or done_weight <= 0 or elapsed <= 0:
+    return PRIOR_SECONDS_PER_STEP * sum(weights), True
+  return elapsed / done_weight * sum(weights[done:]), False
+
+
+def stage_line(i: int, weights, name: str, elapsed: float) -> str:
+  """The line "stage i/n: <name> — elapsed M:SS, ETA for the whole run M:SS" (i from 1)."""
+  eta, prior = whole_run_eta(weights, i - 1, elapsed)
+  return (f"stage {i}/{len(weights)}: {name} — elapsed {format_clock(elapsed)}, ETA for the "
+          f"whole run {format_clock(eta)}" + (" (prior estimate)" if prior else ""))
+
+
+def write_plots(model_dir: str, rows, stages) -> list:
+  """`results.png` (the table as grouped bars) and `curves.png` (each stage's training loss)
+  in `model_dir`; `stages`: [(row, run directory)]. Returns their paths."""
+  from hypertune import plot  # pylint: disable=g-import-not-at-top
+  from hypertune.data import builtin_suite  # pylint: disable=g-import-not-at-top
+  suite = f"built-in suite v{builtin_suite.SUITE_VERSION}"
+  steps = ", ".join(f"{name} {latest_step(run_dir):,d}" for name, run_dir in stages)
+  results = plot.plot_results(
+      rows, [PLOT_LABELS.get(c, c) for c, _, _ in COLUMNS],
+      os.path.join(model_dir, "results.png"),
+      title=f"Quickstart, {suite}; training steps: {steps}", ylabel="% (mean over tasks)")
+  curves = plot.plot_runs([run_dir for _, run_dir in stages],
+                          os.path.join(model_dir, "curves.png"),
+                          labels=[name for name, _ in stages], with_eval=False,
+                          title=f"Quickstart training loss, {suite}")
+  return [results, curves]
+
+
 def stage_flags(model_dir: str, downstream_checkpoint=None):
   """[(row, run directory, flags)] of the training stages; stage 1 starts from
   `downstream_checkpoint` (a Hugging Face T5 directory or a hypertune run) when given."""
@@ -135,14 +229,18 @@ def main(argv=None):
       list(sys.argv[1:] if argv is None else argv))
   results = []
   start = time.time()
+  stages = stage_flags(model_dir, downstream_checkpoint)
+  # Cost of each of the len(STAGES) + len(SEEN) processes in training steps, for the ETA.
+  weights = [planned_steps(flags, gin_flags) + TRAIN_OVERHEAD_STEPS for _, _, flags in stages]
+  weights += [EVAL_STEPS] * len(SEEN)
 
   def run(i, name, run_dir, binary, flags):
     cmd = [sys.executable, "-m", f"hypertune.{binary}", f"--gin.MODEL_DIR='{run_dir}'"] + flags
-    print(f"\n=== stage {i}/{len(STAGES) + len(SEEN)}: {name} ({binary}, {run_dir}; "
-          f"{time.time() - start:.0f}s elapsed)", flush=True)
+    print(f"\n{stage_line(i, weights, name, time.time() - start)} ({binary}, {run_dir})",
+          flush=True)
     subprocess.run(cmd + gin_flags, check=True)
 
-  for i, (name, run_dir, flags) in enumerate(stage_flags(model_dir, downstream_checkpoint), 1):
+  for i, (name, run_dir, flags) in enumerate(stages, 1):
     run(i, name, run_dir, "train", flags)
     results.append((name, latest_results(run_dir)))
   for i, ((name, run_name, mixture), (_, row)) in enumerate(zip(SEEN, results), len(STAGES) + 1):
@@ -151,11 +249,13 @@ def main(argv=None):
         [f"--gin.EVAL_MIXTURE_OR_TASK_NAME='{mixture}'",
          "--gin.evaluate_checkpoint.split='validation'"])
     row.update(latest_results(run_dir, f"{mixture}_validation"))
-  table = format_table(summary_rows(results, subset_lists()))
+  rows = summary_rows(results, subset_lists())
+  table = format_table(rows)
   with open(os.path.join(model_dir, "results.txt"), "w") as f:
     f.write(table + "\n")
-  print(f"\nquickstart finished in {time.time() - start:.0f}s; held-out results in % "
-        f"({os.path.join(model_dir, 'results.txt')}):\n{table}")
+  pngs = write_plots(model_dir, rows, [(name, run_dir) for name, run_dir, _ in stages])
+  print(f"\nquickstart finished in {format_clock(time.time() - start)}; held-out results in % "
+        f"({os.path.join(model_dir, 'results.txt')}; plots: {', '.join(pngs)}):\n{table}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Tests for hypertune.progress."""
 
 import glob
+import json
 import os
 import struct
 
@@ -88,3 +89,49 @@ def test_last_step_is_always_logged_and_validation():
     assert progress.format_eta(90061) == "1 day, 1:01:01" and progress.format_eta(None) == "?"
     with pytest.raises(ValueError, match="log_every_steps"):
         progress.ProgressLogger(None, total_steps=1, log_every_steps=0)
+
+
+def test_counts_and_steps_print_as_integers():
+    """Step numbers and counts (num_tokens, eval's num_tasks) never print as 1234.0."""
+    lines = []
+    p = progress.ProgressLogger(None, total_steps=4, log_every_steps=2, print_fn=lines.append)
+    p.update(1.0, {"loss": 2.0, "num_tokens": jnp.asarray(1234.0)})
+    p.update(2.0, {"loss": 1.0, "num_tokens": jnp.asarray(1236.0)})
+    assert lines[0].startswith("step 2/4 | loss 1.5000 | num_tokens 1,235 | "), lines[0]
+    line = p.write_eval(jnp.asarray(4), {"average/rougeL": 31.5, "average/rougeL/num_tasks": 108.0})
+    assert line == "eval @ step 4 | average/rougeL 31.5000 | average/rougeL/num_tasks 108"
+    # A period's mean count is rounded for the line only.
+    assert progress.format_metric("num_tokens", 35.25) == "num_tokens 35"
+    assert progress.format_metric("accuracy", 3.0) == "accuracy 3.0000"
+    assert progress.format_metric("num_tokens", float("nan")) == "num_tokens nan"
+
+
+def test_metrics_jsonl_records_each_log_line_and_resume_keeps_the_last(tmp_path):
+    clock = FakeClock()
+
+    def run(start, end):
+        p = progress.ProgressLogger(str(tmp_path), total_steps=6, start_step=start, log_every_steps=2, clock=clock, print_fn=lambda _: None)
+        for step in range(start + 1, end + 1):
+            clock.t += 0.5
+            p.update(step, {"loss": float(10 * step + start)}, num_tokens=100, learning_rate=1e-3)
+        p.close()
+
+    run(0, 4)
+    run(2, 6)  # resumed from a step-2 checkpoint: step 4 is logged again
+    raw = (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in raw] == [2, 4, 4, 6]
+    records = progress.read_metrics_jsonl(str(tmp_path))
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert [r["loss"] for r in records] == [15.0, 37.0, 57.0]  # step 4: the resumed run's mean
+    assert records[0]["learning_rate"] == pytest.approx(1e-3)
+    assert records[0]["tokens_per_second"] == pytest.approx(200.0)
+    assert records[0]["steps_per_second"] == pytest.approx(2.0)
+    assert progress.read_metrics_jsonl(str(tmp_path / "absent")) == []
+
+
+def test_metrics_jsonl_can_be_turned_off(tmp_path):
+    p = progress.ProgressLogger(str(tmp_path), total_steps=1, write_jsonl=False, print_fn=lambda _: None)
+    p.update(1, {"loss": 1.0})
+    p.close()
+    assert not (tmp_path / "train" / "metrics.jsonl").exists()
+    assert glob.glob(str(tmp_path / "train" / "events.out.tfevents.*"))  # TensorBoard still written

@@ -1,5 +1,7 @@
 """The quickstart (the README's main job): its summary table, and a reduced end-to-end run."""
+import json
 import math
+import re
 import subprocess
 import sys
 
@@ -47,6 +49,29 @@ def test_downstream_checkpoint_starts_stage_one_only():
   assert not [f for f in quickstart.stage_flags("/runs/q")[0][2] if "INITIAL" in f]
 
 
+def test_stage_lines_show_elapsed_time_and_an_eta_for_the_whole_run():
+  weights = [100, 300, 100]
+  # Nothing finished: the prior, 0.14 s per unit of 500.
+  assert quickstart.stage_line(1, weights, "zero-shot T5", 0.0) == (
+      "stage 1/3: zero-shot T5 — elapsed 0:00, ETA for the whole run 1:10 (prior estimate)")
+  # The run's own pace, weighted by the stages' steps: 50 s for 100 units, 400 left.
+  assert quickstart.stage_line(2, weights, "HyperT5-Prefix", 50.0) == (
+      "stage 2/3: HyperT5-Prefix — elapsed 0:50, ETA for the whole run 3:20")
+  assert quickstart.stage_line(3, weights, "eval", 4503.0).endswith(
+      "elapsed 75:03, ETA for the whole run 18:46")  # 4503 s / 400 units * 100
+
+
+def test_planned_steps_come_from_the_flags_or_the_stage_gin_file(tmp_path):
+  gin_file = tmp_path / "stage.gin"
+  gin_file.write_text("include 'quickstart.gin'\nTRAIN_STEPS = 77\n# TRAIN_STEPS = 5\n")
+  flags = [f"--gin_file={gin_file}"]
+  assert quickstart.planned_steps(flags, []) == 77
+  assert quickstart.planned_steps(flags, ["--gin.TRAIN_STEPS=9", "--gin.TRAIN_STEPS='4'"]) == 4
+  assert quickstart.planned_steps([], []) == 0
+  # The quickstart's own stage files all set their steps.
+  assert all(quickstart.planned_steps(f, []) > 0 for _, _, f in quickstart.stage_flags("/q"))
+
+
 @pytest.mark.parametrize("arg, message", [
     ("--gin.INITIAL_CHECKPOINT_PATH='/x'", "--downstream_checkpoint"),
     ("--steps=3", "unknown argument '--steps=3'"),
@@ -71,3 +96,18 @@ def test_quickstart_end_to_end_at_reduced_steps(tmp_path):
     assert all(0.0 <= v <= 100.0 for v in values if not math.isnan(v))
     assert not any(math.isnan(v) for v in values)  # every column has tasks of its metric
   assert "held-out results" in out.stdout
+  for name in ("results.png", "curves.png"):
+    png = (tmp_path / name).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000, name
+  # Every stage's log lines are in train/metrics.jsonl (what curves.png is drawn from).
+  for _, run_dir, _ in quickstart.stage_flags(str(tmp_path)):
+    records = [json.loads(l) for l in open(f"{run_dir}/train/metrics.jsonl")]
+    assert records[-1]["step"] == 4 and math.isfinite(records[-1]["loss"])
+  # Overall progress before each of the 6 stages; the first from the prior.
+  stage_lines = re.findall(r"^stage (\d)/6: .+ — elapsed \d+:\d\d, ETA for the whole run "
+                           r"\d+:\d\d( \(prior estimate\))?", out.stdout, re.MULTILINE)
+  assert stage_lines == [("1", " (prior estimate)")] + [(str(i), "") for i in range(2, 7)]
+  # Counts print as integers in the training progress lines.
+  logged = out.stdout + out.stderr
+  assert "step 4/4 | " in logged and re.search(r"\| num_tokens \d[\d,]* \|", logged)
+  assert not re.search(r"num_tokens \d+\.\d", logged)
