@@ -471,16 +471,21 @@ def maybe_initialize_distributed(
     process_id: Optional[int] = None,
     env: Optional[Mapping[str, str]] = None,
     initialize_fn: Optional[Callable[..., Any]] = None,
+    multiprocess_gpu: bool = False,
 ) -> bool:
     """Calls ``jax.distributed.initialize`` iff this looks like a multi-process job.
 
     Triggers, in order:
       1. explicit ``coordinator_address`` (flag/gin) or ``$JAX_COORDINATOR_ADDRESS``,
          with ``num_processes``/``$JAX_NUM_PROCESSES`` and ``process_id``/``$JAX_PROCESS_ID``;
-      2. a multi-host TPU slice (``$TPU_WORKER_HOSTNAMES`` lists >1 host, or Megascale);
-      3. SLURM or Open MPI with more than one task.
-    In cases 2-3 jax auto-detects everything.  Otherwise (one process) nothing happens.
-    Must run before any other JAX call that touches devices.
+      2. ``multiprocess_gpu`` (t5x's ``--multiprocess_gpu``): always, with whichever of
+         ``num_processes`` / ``process_id`` are given; jax detects the rest (SLURM, Open MPI);
+      3. a multi-host TPU slice (``$TPU_WORKER_HOSTNAMES`` lists >1 host, or Megascale);
+      4. SLURM or Open MPI with more than one task.
+    In cases 3-4 jax auto-detects everything.  Otherwise (one process) nothing happens.
+    Must run before any other JAX call that touches devices.  The flags of the binaries
+    (``--coordinator_address``, ``--process_count``, ``--process_index``,
+    ``--multiprocess_gpu``) arrive here through ``gin_utils.initialize_distributed``.
 
     Args:
       env: environment mapping (default ``os.environ``); injectable for tests.
@@ -494,10 +499,10 @@ def maybe_initialize_distributed(
     if initialize_fn is None and jax.distributed.is_initialized():
         return False
     address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
-    if address:
+    if address or multiprocess_gpu:
         n = num_processes if num_processes is not None else env.get("JAX_NUM_PROCESSES")
         pid = process_id if process_id is not None else env.get("JAX_PROCESS_ID")
-        kwargs = {"coordinator_address": address}
+        kwargs = {"coordinator_address": address} if address else {}
         if n is not None:
             kwargs["num_processes"] = int(n)
         if pid is not None:

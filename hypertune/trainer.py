@@ -69,9 +69,32 @@ def initial_state(trainer: train_lib.PartitionedTrainer, model: BaseModel, model
   copied = {}
   if init_hypernet_from_downstream:
     params, copied = param_sources.copy_hypernet_from_downstream(params, restored)
-  logging.info("parameters:\n%s", optimizers.parameter_table(
+  table = optimizers.parameter_table(
       params, trainable_patterns, frozen_patterns, restored_from=restored if sources else None,
-      copied_from=copied))
+      copied_from=copied)
+  # The table (hundreds of rows for T5-Large) goes to a file, as t5x's model-info.txt; the
+  # console gets what one checks first: the sizes, and where the parameters came from.
+  info_path = os.path.join(model_dir, "model-info.txt")
+  if jax.process_index() == 0:
+    os.makedirs(model_dir, exist_ok=True)
+    with open(info_path, "w") as f:
+      f.write(table + "\n")
+
+  def count(tree):
+    n = sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+      if n >= div:
+        return f"{n / div:.1f}{unit}"
+    return str(n)
+
+  origins = [f"{sum(v.startswith(f'{path}:') for v in restored.values())} restored from {path}"
+             for path, _ in sources]
+  origins += [f"{len(copied)} copied from downstream"] if copied else []
+  origins.append(f"{len(jax.tree.leaves(params)) - len(restored) - len(copied)} fresh")
+  logging.info("parameters: %s trainable, %s frozen; %s; table in %s",
+               count(param_sources.subtree(params, trainer.trainable)),
+               count(param_sources.subtree(params, trainer.trainable, keep=False)),
+               ", ".join(origins), info_path)
   state = trainer.create_state(params)
   param_sources.save_frozen(model_dir, param_sources.subtree(state.params, trainer.trainable,
                                                              keep=False))
@@ -171,11 +194,6 @@ def train(
   from tasks import common  # pylint: disable=g-import-not-at-top
   # In a multi-process job every process runs this loop alike; process 0 writes the files.
   is_writer = jax.process_index() == 0
-  if is_writer:
-    os.makedirs(os.path.join(model_dir, "eval"), exist_ok=True)
-    config_path = "eval/config_restored.gin" if restore_only else "config.gin"
-    with open(os.path.join(model_dir, config_path), "w") as f:
-      f.write(gin.config_str())
   train_steps = train_steps_override or train_steps
   # Fail fast, before any model is built: names, and a checkpoint to restore.
   for name in (mixture_or_task_name, eval_mixture_or_task_name if eval_period else None):
@@ -183,6 +201,12 @@ def train(
       common.get_task_or_mixture(name)
   if restore_only and not has_checkpoint(model_dir):
     raise FileNotFoundError(f"MODEL_DIR={model_dir!r} has no checkpoint to restore")
+  # After the checks: a run that fails on a name leaves no MODEL_DIR behind.
+  if is_writer:
+    os.makedirs(os.path.join(model_dir, "eval"), exist_ok=True)
+    config_path = "eval/config_restored.gin" if restore_only else "config.gin"
+    with open(os.path.join(model_dir, config_path), "w") as f:
+      f.write(gin.config_str())
   mesh = partitioning.make_mesh()
   rules = partitioning.standard_logical_axis_rules()
   batch_shapes = model.batch_shapes(batch_size, task_feature_lengths)
