@@ -279,7 +279,8 @@ def learning_rate_from_state(opt_state: Any) -> Optional[float]:
 # --------------------------------------------------------------------------------------
 
 
-def _fmt_count(n: int) -> str:
+def format_count(n: int) -> str:
+    """1234567 -> "1.23M" (parameter counts in tables and logs)."""
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:
             return f"{n / div:.2f}{unit}"
@@ -341,7 +342,7 @@ def parameter_table(
     ]
     t, f = totals[TRAINABLE], totals[FROZEN]
     lines.append(
-        f"trainable: {_fmt_count(t[0])} params in {t[1]} arrays; "
-        f"frozen: {_fmt_count(f[0])} params in {f[1]} arrays"
+        f"trainable: {format_count(t[0])} params in {t[1]} arrays; "
+        f"frozen: {format_count(f[0])} params in {f[1]} arrays"
     )
     return "\n".join(lines)

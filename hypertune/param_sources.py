@@ -116,7 +116,7 @@ def restore_initial_checkpoints(params: dict, model, sources: Sequence
     keep = [(re.escape(p), None) for p in restored]  # taken by an earlier checkpoint
     params, report = checkpoints.restore_with_assignment_map(
         read_source(path, model), params, keep + list(amap))
-    logging.info("initial checkpoint %s: %d parameters restored", path,
+    logging.debug("initial checkpoint %s: %d parameters restored", path,
                  len(report.restored) - len(restored))
     restored.update({t: f"{path}:{s}" for t, s in report.sources.items()
                      if s is not None and t not in restored})

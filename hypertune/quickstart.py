@@ -138,6 +138,9 @@ def parse_args(argv):
   """-> (model_dir, downstream_checkpoint or None, the `--gin.*` flags for every stage)."""
   model_dir, downstream_checkpoint, gin_flags = "/tmp/hypertune_quickstart", None, []
   for arg in argv:
+    if arg in ("--help", "-h"):
+      print(__doc__)
+      raise SystemExit(0)
     if arg.startswith("--model_dir="):
       model_dir = arg.split("=", 1)[1]
     elif arg.startswith("--downstream_checkpoint="):

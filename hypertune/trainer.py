@@ -69,36 +69,36 @@ def initial_state(trainer: train_lib.PartitionedTrainer, model: BaseModel, model
   copied = {}
   if init_hypernet_from_downstream:
     params, copied = param_sources.copy_hypernet_from_downstream(params, restored)
-  table = optimizers.parameter_table(
+  report_parameters(model_dir, params, trainer.trainable, optimizers.parameter_table(
       params, trainable_patterns, frozen_patterns, restored_from=restored if sources else None,
-      copied_from=copied)
-  # The table (hundreds of rows for T5-Large) goes to a file, as t5x's model-info.txt; the
-  # console gets what one checks first: the sizes, and where the parameters came from.
+      copied_from=copied), [path for path, _ in sources], restored, copied)
+  state = trainer.create_state(params)
+  param_sources.save_frozen(model_dir, param_sources.subtree(state.params, trainer.trainable,
+                                                             keep=False))
+  return state, 0
+
+
+def report_parameters(model_dir: str, params, mask, table: str, sources: Sequence[str],
+                      restored: Mapping[str, str], copied: Mapping[str, str]) -> None:
+  """The parameter table (hundreds of rows for T5-Large) goes to MODEL_DIR/model-info.txt, as
+  t5x's; the console gets what one checks first: the sizes and where the parameters came from."""
   info_path = os.path.join(model_dir, "model-info.txt")
   if jax.process_index() == 0:
     os.makedirs(model_dir, exist_ok=True)
     with open(info_path, "w") as f:
       f.write(table + "\n")
 
-  def count(tree):
-    n = sum(int(np.size(x)) for x in jax.tree.leaves(tree))
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-      if n >= div:
-        return f"{n / div:.1f}{unit}"
-    return str(n)
+  def size(tree):
+    return optimizers.format_count(sum(int(np.size(x)) for x in jax.tree.leaves(tree)))
 
   origins = [f"{sum(v.startswith(f'{path}:') for v in restored.values())} restored from {path}"
-             for path, _ in sources]
+             for path in sources]
   origins += [f"{len(copied)} copied from downstream"] if copied else []
   origins.append(f"{len(jax.tree.leaves(params)) - len(restored) - len(copied)} fresh")
   logging.info("parameters: %s trainable, %s frozen; %s; table in %s",
-               count(param_sources.subtree(params, trainer.trainable)),
-               count(param_sources.subtree(params, trainer.trainable, keep=False)),
-               ", ".join(origins), info_path)
-  state = trainer.create_state(params)
-  param_sources.save_frozen(model_dir, param_sources.subtree(state.params, trainer.trainable,
-                                                             keep=False))
-  return state, 0
+               size(param_sources.subtree(params, mask)),
+               size(param_sources.subtree(params, mask, keep=False)), ", ".join(origins),
+               info_path)
 
 
 def has_checkpoint(model_dir: str) -> bool:

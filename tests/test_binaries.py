@@ -233,7 +233,7 @@ def test_tiny_run_writes_the_parameter_table_to_model_info(tiny_run):
   assert "downstream/token_embedder/embedding" in table
   assert "trainable: 246.78K params in 52 arrays; frozen: 0 params in 0 arrays" in table
   summary = [l for l in console.splitlines() if l.startswith("parameters:")]
-  assert summary == [f"parameters: 246.8K trainable, 0 frozen; 52 fresh; table in "
+  assert summary == [f"parameters: 246.78K trainable, 0 frozen; 52 fresh; table in "
                      f"{model_dir}/model-info.txt"]
   assert "downstream/token_embedder/embedding" not in console
 

@@ -72,6 +72,12 @@ def test_planned_steps_come_from_the_flags_or_the_stage_gin_file(tmp_path):
   assert all(quickstart.planned_steps(f, []) > 0 for _, _, f in quickstart.stage_flags("/q"))
 
 
+def test_quickstart_help_prints_its_usage(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    quickstart.parse_args(["--help"])
+  assert exit_info.value.code == 0 and "--model_dir" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("arg, message", [
     ("--gin.INITIAL_CHECKPOINT_PATH='/x'", "--downstream_checkpoint"),
     ("--steps=3", "unknown argument '--steps=3'"),

@@ -1,0 +1,78 @@
+"""The README's commands run as written, in order, at tiny size: its placeholder paths point at
+a tiny Hugging Face T5 and ../shared/data, and tiny-size flags are appended to each training
+command. (The set-up commands are covered by tests/test_quickstart.py and CI itself.)"""
+import json
+import os
+import re
+import shlex
+
+import gin
+
+from test_gin_runs import TINY, TINY_T5, _data_bindings, hf_t5_dir  # noqa: F401  pylint: disable=unused-import
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_commands():
+  """Every `python -m hypertune.*` line of the README's bash blocks, in order."""
+  text = open(os.path.join(REPO, "README.md")).read()
+  blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+  return [line.strip() for block in blocks for line in block.splitlines()
+          if line.strip().startswith("python -m hypertune.")]
+
+
+def test_readme_shows_the_recipe():
+  binaries = [c.split()[2] for c in readme_commands()]
+  assert binaries.count("hypertune.train") >= 3 and "hypertune.eval" in binaries
+  assert binaries.count("hypertune.infer") == 2
+
+
+def _placeholders(hf_dir, shared, tmp):
+  corpus = tmp / "corpus.jsonl"
+  corpus.write_text("\n".join(json.dumps({"text": f"Document {i}. " + "Running text. " * 40})
+                              for i in range(6)))
+  (tmp / "demos.json").write_text(json.dumps({"instruction": "Copy the input.", "demonstrations": [
+      {"input": "a cat", "target": "a cat"}, {"input": "a dog", "target": "a dog"}]}))
+  (tmp / "queries.txt").write_text("a bird\na fish\n")
+  return {"/models/t5-large-lm-adapt": hf_dir, "/models/spiece.model":
+          f"{shared}/t5_vocab/spiece.model", "/data/sni": f"{shared}/sni",
+          "/data/p3": f"{shared}/p3", "/data/corpus.jsonl": str(corpus), "/runs/": f"{tmp}/",
+          "'demos.json'": f"'{tmp}/demos.json'", "'queries.txt'": f"'{tmp}/queries.txt'"}
+
+
+def _tiny_flags(command, shared, tmp):
+  """Tiny-size flags for a training command (the run file's data source, cut small)."""
+  run_file = re.search(r"--gin_file=(\S+)", command).group(1)
+  bindings = TINY + TINY_T5 + [
+      "TASK_FEATURE_LENGTHS = {'hyper_inputs': 64, 'inputs': 32, 'targets': 16}"]
+  bindings += [b for b in _data_bindings(run_file, shared, tmp)
+               if not b.startswith(("VOCABULARY_PATH", "SNI_DATA_DIR", "P3_DATA_DIR",
+                                    "PRETRAIN_TEXT_FILES"))]
+  return [f"--gin.{name.strip()}={value.strip()}"
+          for name, value in (b.split("=", 1) for b in bindings)]
+
+
+def _run_binary(name, argv):
+  """`python -m hypertune.<name> argv`, in this process (the binaries' own entry points)."""
+  from hypertune import eval as eval_binary, gin_utils, infer, trainer  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    if name == "hypertune.train":
+      gin_utils.run(trainer.main, argv)
+    else:
+      {"hypertune.eval": eval_binary, "hypertune.infer": infer}[name].main(argv)
+  finally:
+    gin.clear_config()
+
+
+def test_readme_commands_run_as_written(hf_t5_dir, shared_data, tmp_path):
+  replace = _placeholders(hf_t5_dir, shared_data, tmp_path)
+  for command in readme_commands():
+    for old, new in replace.items():
+      command = command.replace(old, new)
+    _, _, name, *argv = shlex.split(command)
+    if name == "hypertune.train":
+      argv += _tiny_flags(command, shared_data, tmp_path)
+    _run_binary(name, argv)
+  assert (tmp_path / "task" / "peft.safetensors").exists()
+  assert len((tmp_path / "task" / "predictions.jsonl").read_text().splitlines()) == 2
