@@ -99,14 +99,17 @@ class JaxBench:
     import jax.numpy as jnp
     import optax
     from flax.core import meta
-    from hypertune.models.t5 import T5
+    from hypertune.models.base import EncoderDecoderModel
+    from hypertune.models.hypermodel import HyperModel
 
     self.jax = jax
     enc, dec_in, tgt, weights = batch
-    model = T5(config)
+    # Through the model contract, as the trainer runs it (a downstream T5, no hypernetwork).
+    model = EncoderDecoderModel(HyperModel(config))
     t0 = time.perf_counter()
-    params = meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(args.seed), enc[:1, :8],
-                                            dec_in[:1, :8])["params"])
+    shapes = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}
+    params = meta.unbox(jax.jit(lambda rng: model.init_variables(rng, shapes))(
+        jax.random.PRNGKey(args.seed))["params"])
     params = jax.block_until_ready(params)
     self.init_s = time.perf_counter() - t0
     self.num_params = sum(x.size for x in jax.tree.leaves(params))
@@ -114,7 +117,8 @@ class JaxBench:
     opt_state = tx.init(params)
 
     def loss_fn(p, enc, dec_in, tgt, w):
-      logits = model.apply({"params": p}, enc, dec_in, deterministic=True)
+      logits, _ = model.logits(p, {}, {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in},
+                               jax.random.PRNGKey(0), deterministic=True)
       if args.loss == "optax":
         xent = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
       else:
@@ -129,7 +133,7 @@ class JaxBench:
 
     self.batch = tuple(jax.device_put(x) for x in (enc, dec_in, tgt, weights))
     # Keep a host copy of the initial weights for the PyTorch model (params get donated).
-    self.initial_params = jax.tree.map(lambda x: jax.device_get(x), params)
+    self.initial_params = jax.tree.map(lambda x: jax.device_get(x), params["downstream"])
     t0 = time.perf_counter()
     self.step = jax.jit(train_step, donate_argnums=(0, 1)).lower(
         params, opt_state, *self.batch).compile()
