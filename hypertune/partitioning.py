@@ -485,7 +485,7 @@ def maybe_initialize_distributed(
     In cases 3-4 jax auto-detects everything.  Otherwise (one process) nothing happens.
     Must run before any other JAX call that touches devices.  The flags of the binaries
     (``--coordinator_address``, ``--process_count``, ``--process_index``,
-    ``--multiprocess_gpu``) arrive here through ``gin_utils.initialize_distributed``.
+    ``--multiprocess_gpu``) arrive here through ``command_line.initialize_distributed``.
 
     Args:
       env: environment mapping (default ``os.environ``); injectable for tests.

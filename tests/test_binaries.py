@@ -9,10 +9,10 @@ import gin
 import jax
 import pytest
 
-from hypertune import gin_utils
+from hypertune import command_line, gin_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAIN_MACROS = [name for name, _ in gin_utils.MAIN_MACROS]
+MAIN_MACROS = [name for name, _ in command_line.MAIN_MACROS]
 # Third-party start-up lines: TensorFlow's C++ logging (before and after absl's
 # InitializeLog) and gin's INFO line for every file it opens.
 NOISE = ("cuda drivers", "cuda_drivers", "oneDNN", "absl::InitializeLog", "I0000", "W0000",
@@ -85,11 +85,11 @@ def test_configurable_lines_follow_gins_registry():
 # --------------------------------------------------------------------------------------
 
 def test_flags_take_their_value_after_an_equals_sign_or_as_the_next_argument():
-  joined = gin_utils.parse_command_line([
+  joined = command_line.parse_command_line([
       "--gin_file=a.gin", "--gin.MODEL_DIR='/x'", "--gin_search_paths=p,q",
       "--tfds_data_dir=/tfds", "--coordinator_address=h:1", "--process_count=2",
       "--process_index=1", "--verbosity=1", "--multiprocess_gpu"])
-  split = gin_utils.parse_command_line([
+  split = command_line.parse_command_line([
       "--gin_file", "a.gin", "--gin.MODEL_DIR", "'/x'", "--gin_search_paths", "p,q",
       "--tfds_data_dir", "/tfds", "--coordinator_address", "h:1", "--process_count", "2",
       "--process_index", "1", "--verbosity", "1", "--multiprocess_gpu=true"])
@@ -99,7 +99,7 @@ def test_flags_take_their_value_after_an_equals_sign_or_as_the_next_argument():
   assert (joined.tfds_data_dir, joined.coordinator_address, joined.process_count,
           joined.process_index, joined.verbosity, joined.multiprocess_gpu) == (
               "/tfds", "h:1", 2, 1, 1, True)
-  assert not gin_utils.parse_command_line(["--nomultiprocess_gpu"]).multiprocess_gpu
+  assert not command_line.parse_command_line(["--nomultiprocess_gpu"]).multiprocess_gpu
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -110,7 +110,7 @@ def test_flags_take_their_value_after_an_equals_sign_or_as_the_next_argument():
 ])
 def test_bad_flags_are_named(argv, message):
   with pytest.raises(gin_utils.GinConfigError, match=re.escape(message)):
-    gin_utils.parse_command_line(argv)
+    command_line.parse_command_line(argv)
 
 
 class _Recorder:
@@ -135,18 +135,18 @@ def test_multihost_flags_reach_jax_distributed_initialize(monkeypatch, argv, exp
     monkeypatch.delenv(var, raising=False)
   recorder = _Recorder()
   monkeypatch.setattr(jax.distributed, "initialize", recorder)
-  cmd = gin_utils.parse_command_line(["--gin_file=a.gin", *argv])
-  assert gin_utils.initialize_distributed(cmd) == bool(expected)
+  cmd = command_line.parse_command_line(["--gin_file=a.gin", *argv])
+  assert command_line.initialize_distributed(cmd) == bool(expected)
   assert recorder.calls == expected
 
 
 def test_tfds_data_dir_sets_the_macro_and_the_parameter_that_reads_it(tmp_path):
-  cmd = gin_utils.parse_command_line(["--tfds_data_dir", str(tmp_path)])
+  cmd = command_line.parse_command_line(["--tfds_data_dir", str(tmp_path)])
   gin.clear_config()
   try:
     gin_utils.parse(["experiments/hypert5/hyperpretrain_prefix.gin"],
-                    gin_utils.flag_bindings(cmd) + ["MODEL_DIR = '/tmp/x'"],
-                    modules=gin_utils.flag_modules(cmd))
+                    command_line.flag_bindings(cmd) + ["MODEL_DIR = '/tmp/x'"],
+                    modules=command_line.flag_modules(cmd))
     assert gin.query_parameter("%TFDS_DATA_DIR") == str(tmp_path)
     selector = "tasks.pretraining.register_pretraining.tfds_data_dir"
     assert gin_utils._query(selector) == str(tmp_path)  # pylint: disable=protected-access

@@ -7,7 +7,7 @@ import sys
 import gin
 import pytest
 
-from hypertune import gin_utils
+from hypertune import command_line, gin_utils
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "gin")
 FILES = sorted(os.path.relpath(p, GIN_DIR) for p in glob.glob(f"{GIN_DIR}/**/*.gin",
@@ -59,7 +59,7 @@ def test_missing_required_macro_is_named():
 
 def test_unknown_flag_is_rejected():
   with pytest.raises(gin_utils.GinConfigError, match="--bogus"):
-    gin_utils.parse_flags(["--bogus=1"])
-  assert gin_utils.parse_flags(["--gin_file=a.gin", "--gin.MODEL_DIR='/x'",
+    command_line.parse_flags(["--bogus=1"])
+  assert command_line.parse_flags(["--gin_file=a.gin", "--gin.MODEL_DIR='/x'",
                                 "--gin_search_paths=p,q"]) == (
                                     ["a.gin"], ["MODEL_DIR = '/x'"], ["p", "q"])

@@ -10,7 +10,6 @@ import gin_training
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from hypertune.models import base
 from hypertune.models.peft import PeftParams

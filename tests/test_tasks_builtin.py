@@ -31,8 +31,10 @@ def suite():
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("builtin") / "suite")
-  mixtures = builtin.register_builtin_suite(data_dir=d, seed=0, config=SMALL, k=4,
-                                            num_validation=5)
+  # inputs as long as a concatenation run's: its 4 demonstrations fit before the query.
+  mixtures = builtin.register_builtin_suite(
+      data_dir=d, seed=0, config=SMALL, k=4, num_validation=5,
+      task_feature_lengths=builtin.SUGGESTED_CONCAT_TASK_FEATURE_LENGTHS | {"hyper_inputs": 256})
   return d, mixtures
 
 

@@ -6,12 +6,9 @@ import subprocess
 import sys
 import tempfile
 
-import gin
 import gin_training
 import numpy as np
 import pytest
-
-from hypertune import gin_utils
 
 TINY = ["config.t5_config.size = 'tiny'", "BATCH_SIZE = 8", "train.log_every_steps = 2",
         "optimizers.linear_warmup_decay.warmup_steps = 0", "EVAL_PERIOD = 0",
