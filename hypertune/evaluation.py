@@ -126,13 +126,17 @@ class Evaluator:
   def evaluate(self, params, task_names: Sequence[str], split: str,
                method_state=None) -> Dict[str, Dict]:
     """{task: {metric: value}, "symbol_avg.<src>": {metric: mean/std over its seeds},
-    "average": {metric: mean over tasks, a source's seeds counting once}}.
+    "p3_dataset.<dataset>" / "p3_average": P3's per-dataset means and the papers' 8-column
+    average, "average": {metric: mean over tasks, a source's seeds and a P3 dataset's
+    templates counting once}} (`metrics.aggregate_task_metrics`).
 
     The decoded outputs are kept in `self.predictions`: {task: [{"inputs", "prediction",
     "references"}]}, one per query, for `write_results`.
     """
     from tasks import common  # pylint: disable=g-import-not-at-top
     examples = {name: common.get_examples(name, split) for name in task_names}
+    # On the device once, not with every compiled call (host arrays are copied each time).
+    params, method_state = jax.device_put((params, method_state or {}))
     classification = [n for n in task_names if examples[n] and examples[n][0].get("answer_choices")]
     generated = [n for n in task_names if n not in classification or self.generate_classification]
     results = {name: {} for name in task_names}
