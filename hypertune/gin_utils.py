@@ -27,7 +27,8 @@ from hypertune.command_line import (REPO_GIN_DIR, CommandLine, GinConfigError,
 # Configurables gin must know before parsing (their modules register them on import).
 CONFIGURABLE_MODULES = (
     "hypertune.models.config", "hypertune.models.base", "hypertune.models.hypermodel",
-    "hypertune.hypernets.hypert5", "hypertune.hypernets.shared_peft", "hypertune.optimizers",
+    "hypertune.hypernets.hypert5", "hypertune.hypernets.hart", "hypertune.hypernets.hint",
+    "hypertune.hypernets.shared_peft", "hypertune.optimizers",
     "hypertune.partitioning",
     "hypertune.checkpoints", "hypertune.evaluation", "hypertune.inference", "hypertune.trainer",
     "tasks.builtin",

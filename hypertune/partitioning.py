@@ -438,13 +438,34 @@ def to_host(tree: Any) -> Any:
     ``jax.device_get`` only reads arrays whose shards all live on this process; parameters
     sharded across hosts are gathered first (a collective: every process must call this).
     """
+    leaves = jax.tree_util.tree_leaves(tree)
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves):
+        # The processes meet at the coordination service first: on CPU, gloo gives a process
+        # only 30 s to join the first gather, and one process may still be busy (compiling,
+        # writing files) long after another arrived.
+        wait_for_all_processes("to_host")
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     def get(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return jax.device_get(x)
 
     return jax.tree_util.tree_map(get, tree)
+
+
+_BARRIERS = {}
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
+    """Block until every process of the job reaches the barrier `name` (a no-op with one
+    process). Uses the coordination service, not a device collective."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    count = _BARRIERS[name] = _BARRIERS.get(name, 0) + 1  # each barrier id is used once
+    distributed.global_state.client.wait_at_barrier(f"hypertune_{name}_{count}",
+                                                    timeout_s * 1000)
 
 
 # --------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 Loss: token cross-entropy summed over `decoder_loss_weights` and divided by the number of target
 tokens in the whole batch (so microbatching does not change it), plus any auxiliary losses that
 the model sows into the `losses` collection. A method may keep state between steps in the
-`method_state` collection (e.g. HART's previous-step parameters for its consistency loss).
+`method_state` collection (e.g. HART's previous-step states for its consistency loss); its
+leaves are per example (leading `batch` axis), so microbatches split it with the batch.
 """
 import functools
 from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
@@ -62,28 +63,30 @@ def train_step(model: BaseModel, tx: optax.GradientTransformation, state: TrainS
     if batch_size % num_microbatches:
       raise ValueError(f"batch size {batch_size} is not divisible by num_microbatches="
                        f"{num_microbatches}")
-    micro = jax.tree.map(
-        lambda x: x.reshape((num_microbatches, batch_size // num_microbatches) + x.shape[1:]),
-        dict(batch))
+    split = lambda x: x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:])
+    micro = jax.tree.map(split, dict(batch))
+    # method_state rows belong to examples: each microbatch reads and writes its own rows.
+    micro_state = jax.tree.map(split, state.method_state)
 
     def accumulate(carry, xs):
-      grads, loss, metrics, method_state = carry
-      mb, i = xs
-      (l, (m, method_state)), g = grad_fn(model, state.params, method_state, mb,
+      grads, loss, metrics = carry
+      mb, mb_state, i = xs
+      (l, (m, new_mb_state)), g = grad_fn(model, state.params, mb_state, mb,
                                           jax.random.fold_in(rng, i), total_weight,
                                           num_microbatches)
-      return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, metrics, m),
-              method_state), None
+      return (jax.tree.map(jnp.add, grads, g), loss + l,
+              jax.tree.map(jnp.add, metrics, m)), new_mb_state or mb_state
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    first = jax.tree.map(lambda x: x[0], micro)
+    first = jax.tree.map(lambda x: x[0], (micro, micro_state))
     metric_shapes = jax.eval_shape(
-        lambda: grad_fn(model, state.params, state.method_state, first, rng, total_weight,
+        lambda: grad_fn(model, state.params, first[1], first[0], rng, total_weight,
                         num_microbatches)[0][1][0])
     init = (zeros, jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                               metric_shapes), state.method_state)
-    (grads, loss, metrics, method_state), _ = jax.lax.scan(
-        accumulate, init, (micro, jnp.arange(num_microbatches)))
+                                               metric_shapes))
+    (grads, loss, metrics), micro_state = jax.lax.scan(
+        accumulate, init, (micro, micro_state, jnp.arange(num_microbatches)))
+    method_state = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), micro_state)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

@@ -1,8 +1,23 @@
-"""Shared fixtures: tiny configs, Hugging Face reference models, the shared data directory."""
+"""Shared fixtures: tiny configs, Hugging Face reference models, the shared data directory;
+one JAX compilation cache for the whole session."""
+import os
 import pathlib
+import shutil
 import tempfile
 
 import pytest
+
+# One persistent compilation cache per test session, shared by the xdist workers and every
+# subprocess they start (they inherit the environment): the suite compiles the same tiny
+# models many times over (each run file, binary and quickstart stage), and XLA's compile time
+# dominates at this size (HyperT5-tiny's init: 8 s compiled, 1.4 s from the cache). Set here,
+# before JAX is imported; the controller makes the directory before it starts the workers.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="hypertune-test-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -10,6 +25,11 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long end-to-end runs (deselect with -m 'not slow')")
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made it
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

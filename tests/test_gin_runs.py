@@ -25,7 +25,8 @@ TINY = ["BATCH_SIZE = 2", "TRAIN_STEPS = 2", "EVAL_PERIOD = 2", "train.eval_batc
         "train.checkpoint_period = 2"]
 # The papers' T5 at "tiny" size, with the T5 SentencePiece vocabulary of ../shared/data.
 TINY_T5 = ["config.t5_config.size = 'tiny'", "PREFIX_LEN = 2", "LORA_RANK = 2",
-           "hypert5.HyperT5.num_hyper_decoder_layers = 1"]
+           "hypert5.HyperT5.num_hyper_decoder_layers = 1",
+           "hart.HART.num_hyper_decoder_layers = 1", "ADAPTER_BOTTLENECK = 2"]
 LENGTHS = "TASK_FEATURE_LENGTHS = {'hyper_inputs': 64, 'inputs': %d, 'targets': 16}"
 
 
@@ -42,8 +43,15 @@ def _quickstart_run_files():
           if f.startswith("--gin_file=")}
 
 
+def _method_test_run_files():
+  """HART's and HINT's built-in-suite runs (tests/test_hart_hint.py trains, resumes, evaluates,
+  infers and shards them)."""
+  from test_hart_hint import RUNS  # pylint: disable=g-import-not-at-top
+  return set(RUNS)
+
+
 # Each run file is run once in the suite: here, unless another test already runs it.
-RUN_ELSEWHERE = _readme_run_files() | _quickstart_run_files()
+RUN_ELSEWHERE = _readme_run_files() | _quickstart_run_files() | _method_test_run_files()
 RUN_HERE = [p for p in RUN_FILES if p not in RUN_ELSEWHERE]
 
 
@@ -79,7 +87,7 @@ def _data_bindings(path, shared, tmp):
   if name.startswith("sni_"):
     return [vocab, f"SNI_DATA_DIR = '{shared}/sni'", "sni.register_sni.max_train_instances = 2",
             "sni.register_sni.max_eval_instances = 2"]
-  if name.startswith("hyperpretrain_"):
+  if name.startswith(("hyperpretrain_", "hint_pretrain")):
     corpus = tmp / "corpus.txt"
     corpus.write_text("\n\n".join(f"Document {i}. " + "Some words of running text. " * 30
                                   for i in range(6)))
@@ -87,41 +95,47 @@ def _data_bindings(path, shared, tmp):
   raise ValueError(f"{path}: no tiny data bindings for this run file")
 
 
+# Run files whose runs others start from (MACRO naming the run dir -> the run file).
+PRETRAINING = {"HYPERPRETRAINED_DIR": "experiments/hypert5/hyperpretrain_{kind}.gin",
+               "HINT_PRETRAINED_DIR": "experiments/hint/hint_pretrain.gin"}
+
+
 @pytest.fixture(scope="module")
-def hyperpretrained(hf_t5_dir, shared_data, tmp_path_factory):
-  """{"prefix" | "lora": a tiny hyperpretraining run of experiments/hypert5/hyperpretrain_*}."""
+def pretrained(hf_t5_dir, shared_data, tmp_path_factory):
+  """run file -> (run dir, output) of its tiny run, run once (hyperpretraining, HINT's
+  pretraining) and shared by the runs that start from it."""
   runs = {}
 
-  def get(kind):
-    if kind not in runs:
-      path = f"experiments/hypert5/hyperpretrain_{kind}.gin"
-      tmp = tmp_path_factory.mktemp(f"hyperpretrain_{kind}")
-      runs[kind] = str(tmp / "run"), _train(path, _experiment_bindings(
-          path, hf_t5_dir, shared_data, tmp, None))
-    return runs[kind]
+  def get(path):
+    if path not in runs:
+      tmp = tmp_path_factory.mktemp(os.path.basename(path)[:-4])
+      runs[path] = str(tmp / "run"), _train(path, _experiment_bindings(
+          path, hf_t5_dir, shared_data, tmp, {}))
+    return runs[path]
   return get
 
 
-def _experiment_bindings(path, hf_t5_dir, shared, tmp, hyperpretrained_dir):
+def _experiment_bindings(path, hf_t5_dir, shared, tmp, starts):
+  """Tiny bindings for a run file; `starts`: {macro: run dir} of the runs it starts from."""
   concat = "fewshot" in path or "t5_mtf.gin" in path and "sni_" in path
-  out = TINY + TINY_T5 + [LENGTHS % (96 if concat else 32), f"MODEL_DIR = '{tmp}/run'",
-                          f"INITIAL_CHECKPOINT_PATH = '{hf_t5_dir}'"]
-  if hyperpretrained_dir:
-    out.append(f"HYPERPRETRAINED_DIR = '{hyperpretrained_dir}'")
+  out = TINY + TINY_T5 + [LENGTHS % (96 if concat else 32), f"MODEL_DIR = '{tmp}/run'"]
+  if "INITIAL_CHECKPOINT_PATH = %gin.REQUIRED" in open(os.path.join(GIN_DIR, path)).read():
+    out.append(f"INITIAL_CHECKPOINT_PATH = '{hf_t5_dir}'")
+  out += [f"{macro} = '{d}'" for macro, d in starts.items()]
   return out + _data_bindings(path, shared, tmp)
 
 
 @pytest.mark.parametrize("path", [p for p in RUN_HERE if p.startswith("experiments/")])
-def test_experiment_runs_end_to_end(path, hf_t5_dir, shared_data, hyperpretrained, tmp_path):
+def test_experiment_runs_end_to_end(path, hf_t5_dir, shared_data, pretrained, tmp_path):
   name = os.path.basename(path)
-  if name.startswith("hyperpretrain_"):
-    _, out = hyperpretrained(name[len("hyperpretrain_"):-len(".gin")])
+  if name.startswith(("hyperpretrain_", "hint_pretrain")):
+    _, out = pretrained(path)
   else:
     text = open(os.path.join(GIN_DIR, path)).read()
-    pretrained = None
-    if "HYPERPRETRAINED_DIR" in text:
-      pretrained = hyperpretrained("lora" if "lora" in name else "prefix")[0]
-    out = _train(path, _experiment_bindings(path, hf_t5_dir, shared_data, tmp_path, pretrained))
+    kind = "lora" if "lora" in name else "prefix"
+    starts = {macro: pretrained(run_file.format(kind=kind))[0]
+              for macro, run_file in PRETRAINING.items() if f"{macro} = %gin.REQUIRED" in text}
+    out = _train(path, _experiment_bindings(path, hf_t5_dir, shared_data, tmp_path, starts))
     average = out["eval"]["average"]
     metric = "accuracy" if name.startswith("p3_") else "rougeL"
     assert 0.0 <= average[metric] <= 100.0, average

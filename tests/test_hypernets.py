@@ -20,7 +20,8 @@ DEC = np.array([[0, 3, 4], [0, 5, 1]])
 
 def build(hypernet):
   model = HyperModel(CFG, hypernet=hypernet)
-  params = meta.unbox(model.init(jax.random.key(0), ENC, DEC, HYPER)["params"])
+  # Jitted: one compilation instead of eager per-op dispatch (17 s -> 7 s for tiny HyperT5).
+  params = meta.unbox(jax.jit(model.init)(jax.random.key(0), ENC, DEC, HYPER)["params"])
   return model, params
 
 

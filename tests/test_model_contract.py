@@ -85,7 +85,8 @@ class MemoryHypernet(nn.Module):
   memory_len: int = 4
 
   @nn.compact
-  def __call__(self, hyper_input_tokens, deterministic: bool = True) -> PeftParams:
+  def __call__(self, hyper_input_tokens, deterministic: bool = True, downstream=None
+               ) -> PeftParams:
     tokens = hyper_input_tokens[:, :self.memory_len]
     memory = nn.Dense(self.d_model)(nn.Embed(self.vocab_size, self.d_model)(tokens))
     return PeftParams(extra_memory=memory, extra_memory_mask=(tokens != 0).astype(jnp.int32))

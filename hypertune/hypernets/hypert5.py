@@ -43,6 +43,8 @@ class HyperT5(nn.Module):
     separate_cross_prefixes: HyperT5-Prefix only. Off (default, the paper's [L, 2, 2, P, H]):
       the decoder's prefixes serve its self- and cross-attention. On: 3P learned tokens and
       `cross_k`/`cross_v` heads give the decoder's cross-attention prefixes of its own.
+    fusion_in_decoder: the downstream decoder also cross-attends to the encoded demonstrations
+      (`PeftParams.extra_memory`; HART's "HyperTuning" row, Table 5).
   """
   config: T5Config
   downstream: T5Config
@@ -52,11 +54,15 @@ class HyperT5(nn.Module):
   num_hyper_decoder_layers: Optional[int] = None
   hyper_decoder_bidirectional_positions: bool = False
   separate_cross_prefixes: bool = False
+  fusion_in_decoder: bool = False
 
   def setup(self):
     cfg = self.config
     if self.peft_type not in ("prefix", "lora"):
       raise ValueError(f"HyperT5.peft_type must be 'prefix' or 'lora', got {self.peft_type!r}")
+    if self.fusion_in_decoder and cfg.d_model != self.downstream.d_model:
+      raise ValueError(f"HyperT5.fusion_in_decoder needs the hypernetwork's d_model "
+                       f"({cfg.d_model}) to equal the downstream's ({self.downstream.d_model})")
     if self.separate_cross_prefixes and self.peft_type != "prefix":
       raise ValueError("HyperT5.separate_cross_prefixes needs peft_type='prefix' (HyperT5-LoRA "
                        "already generates cross-attention LoRA of its own)")
@@ -97,36 +103,47 @@ class HyperT5(nn.Module):
                                                        ("hyper_tokens", "embed")),
         (num_tokens, cfg.d_model), jnp.float32)
 
-  def __call__(self, hyper_input_tokens, deterministic: bool = True) -> PeftParams:
-    """hyper_input_tokens `[batch, hyper_len]` -> PeftParams for `downstream`."""
-    cfg, ds = self.config, self.downstream
-    batch = hyper_input_tokens.shape[0]
+  def __call__(self, hyper_input_tokens, deterministic: bool = True, downstream=None
+               ) -> PeftParams:
+    """hyper_input_tokens `[batch, hyper_len]` -> PeftParams for `self.downstream` (with the
+    encoded demonstrations as fused memory under `fusion_in_decoder`)."""
+    cfg = self.config
     mask = hyper_input_tokens != cfg.pad_id
     encoded = self.hyper_encoder(self.token_embedder(hyper_input_tokens), mask, None,
                                  deterministic)
     tokens = jnp.broadcast_to(self.decoder_tokens.astype(cfg.compute_dtype),
-                              (batch,) + self.decoder_tokens.shape)
+                              (mask.shape[0],) + self.decoder_tokens.shape)
     hidden = self.hyper_decoder(tokens, encoded, mask, None, deterministic)  # [batch, n, d]
-    if self.peft_type == "prefix":
-      p = self.prefix_len
+    peft = self.prefixes(hidden) if self.peft_type == "prefix" else self.lora(hidden)
+    if self.fusion_in_decoder:
+      peft = peft.replace(extra_memory=encoded, extra_memory_mask=mask)
+    return peft
 
-      def prefix(name, rows, layers):  # [batch, P, d] -> [batch, layers, P, heads, head_dim]
-        return to_prefix(self.heads[name](rows), p, layers, ds)
+  def prefixes(self, hidden) -> PeftParams:
+    """Hyper decoder outputs `[batch, 2P | 3P, d]` -> prefixes of every attention kind."""
+    ds = self.downstream
+    p = self.prefix_len
 
-      enc = Prefix(prefix("enc_k", hidden[:, :p], ds.num_encoder_layers),
-                   prefix("enc_v", hidden[:, :p], ds.num_encoder_layers))
-      dec = Prefix(prefix("dec_k", hidden[:, p:2 * p], ds.num_decoder_layers),
-                   prefix("dec_v", hidden[:, p:2 * p], ds.num_decoder_layers))
-      if not self.separate_cross_prefixes:
-        # The decoder's prefixes serve its self- and cross-attention (the paper's [L, 2, 2, P, H]).
-        return PeftParams(prefixes={"encoder_self": enc, "decoder_self": dec,
-                                    "decoder_cross": dec})
-      cross = Prefix(prefix("cross_k", hidden[:, 2 * p:], ds.num_decoder_layers),
-                     prefix("cross_v", hidden[:, 2 * p:], ds.num_decoder_layers))
+    def prefix(name, rows, layers):  # [batch, P, d] -> [batch, layers, P, heads, head_dim]
+      return to_prefix(self.heads[name](rows), p, layers, ds)
+
+    enc = Prefix(prefix("enc_k", hidden[:, :p], ds.num_encoder_layers),
+                 prefix("enc_v", hidden[:, :p], ds.num_encoder_layers))
+    dec = Prefix(prefix("dec_k", hidden[:, p:2 * p], ds.num_decoder_layers),
+                 prefix("dec_v", hidden[:, p:2 * p], ds.num_decoder_layers))
+    if not self.separate_cross_prefixes:
+      # The decoder's prefixes serve its self- and cross-attention (the paper's [L, 2, 2, P, H]).
       return PeftParams(prefixes={"encoder_self": enc, "decoder_self": dec,
-                                  "decoder_cross": cross})
+                                  "decoder_cross": dec})
+    cross = Prefix(prefix("cross_k", hidden[:, 2 * p:], ds.num_decoder_layers),
+                   prefix("cross_v", hidden[:, 2 * p:], ds.num_decoder_layers))
+    return PeftParams(prefixes={"encoder_self": enc, "decoder_self": dec,
+                                "decoder_cross": cross})
 
-    layers, r = ds.num_encoder_layers, self.lora_rank
+  def lora(self, hidden) -> PeftParams:
+    """Hyper decoder outputs `[batch, 3L, d]` -> gated LoRA on q and v of every attention kind."""
+    ds = self.downstream
+    batch, layers, r = hidden.shape[0], ds.num_encoder_layers, self.lora_rank
     lora = {}
     for i, (short, kind) in enumerate((("enc", "encoder_self"), ("dec", "decoder_self"),
                                        ("cross", "decoder_cross"))):
@@ -141,7 +158,8 @@ class HyperT5(nn.Module):
     return PeftParams(lora=lora)
 
 
-# HyperT5 sub-tree -> the downstream sub-tree `init_from_downstream` copies it from.
+# Hypernetwork sub-tree (HyperT5, HART, HINT's untied encoder) -> the downstream sub-tree
+# `init_from_downstream` copies it from.
 COPIED_FROM_DOWNSTREAM = {"token_embedder": "token_embedder", "hyper_encoder": "encoder",
                           "hyper_decoder": "decoder"}
 
@@ -155,7 +173,8 @@ def downstream_source(path: str) -> Optional[str]:
 
 
 def init_from_downstream(hypernet_params: dict, downstream_params: dict) -> dict:
-  """HyperT5 parameters with the encoder, (truncated) decoder and embeddings copied from T5's.
+  """Hypernetwork parameters with whichever of embeddings, encoder and (truncated) decoder it
+  has (HyperT5 and HART: all three; HINT untied: the first two) copied from the downstream T5.
 
   Works on unboxed trees with scanned layers (the leading `layers` axis of the hyper decoder is
   cut to its own depth).
@@ -163,7 +182,8 @@ def init_from_downstream(hypernet_params: dict, downstream_params: dict) -> dict
   copy = lambda tree: jax.tree.map(np.array, tree)  # own buffers: no aliasing with downstream
   out = dict(hypernet_params)
   for ours in ("token_embedder", "hyper_encoder"):
-    out[ours] = copy(downstream_params[COPIED_FROM_DOWNSTREAM[ours]])
+    if ours in hypernet_params:  # HINT's tied encoder has neither
+      out[ours] = copy(downstream_params[COPIED_FROM_DOWNSTREAM[ours]])
 
   def take(ours, theirs):
     if isinstance(ours, dict):
@@ -175,6 +195,7 @@ def init_from_downstream(hypernet_params: dict, downstream_params: dict) -> dict
       return theirs[:ours.shape[0]]  # truncated stack: the first N layers
     raise ValueError(f"cannot initialise hyper decoder parameter of shape {ours.shape} from "
                      f"downstream shape {theirs.shape}")
-  out["hyper_decoder"] = take(hypernet_params["hyper_decoder"],
-                              downstream_params[COPIED_FROM_DOWNSTREAM["hyper_decoder"]])
+  if "hyper_decoder" in hypernet_params:
+    out["hyper_decoder"] = take(hypernet_params["hyper_decoder"],
+                                downstream_params[COPIED_FROM_DOWNSTREAM["hyper_decoder"]])
   return out

@@ -21,7 +21,8 @@ class SharedPeft(nn.Module):
   lora_rank: int = 8
 
   @nn.compact
-  def __call__(self, hyper_input_tokens, deterministic: bool = True) -> PeftParams:
+  def __call__(self, hyper_input_tokens, deterministic: bool = True, downstream=None
+               ) -> PeftParams:
     ds = self.downstream
     batch = hyper_input_tokens.shape[0]
     if self.peft_type == "prefix":

@@ -1,8 +1,11 @@
 """A downstream T5 adapted per example by a hypernetwork: the one model every method trains.
 
-Methods differ only in `hypernet` (a module `hyper_input_tokens -> PeftParams`):
-  HyperT5 (prefix / LoRA), SharedPeft (one PEFT set for all tasks), or None (plain T5-MTF, and
-  T5-MTF-few-shot whose demonstrations are concatenated into `inputs` by the data layer).
+Methods differ only in `hypernet`, a module
+`hypernet(hyper_input_tokens, deterministic, downstream) -> PeftParams` (`downstream` is this
+model's T5, for a hypernetwork that shares its weights, as HINT's tied encoder):
+  HyperT5 (prefix / LoRA), HART, HINT, SharedPeft (one PEFT set for all tasks), or None (plain
+  T5-MTF, and T5-MTF-few-shot whose demonstrations are concatenated into `inputs` by the data
+  layer).
 
 Parameters: `{"downstream": T5 params, "hypernet": hypernetwork params}`. Auxiliary losses are
 sown into the `losses` collection by any submodule and added to the loss by the train step;
@@ -31,7 +34,8 @@ class HyperModel(nn.Module):
     """PEFT parameters per example `[batch, ...]` (None for a plain T5)."""
     if self.hypernet is None:
       return None
-    return self.hypernet(hyper_encoder_input_tokens, deterministic=deterministic)
+    return self.hypernet(hyper_encoder_input_tokens, deterministic=deterministic,
+                         downstream=self.downstream)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens,
                hyper_encoder_input_tokens=None, peft: Optional[PeftParams] = None,

@@ -127,10 +127,12 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, embedded, encoded, encoder_mask, peft: Optional[PeftParams] = None,
-               deterministic: bool = True, decode: bool = False):
+               deterministic: bool = True, decode: bool = False, key_mask=None):
     """embedded `[batch, length, d_model]`, encoded `[batch, enc_len, d_model]`, encoder_mask
     `[batch, enc_len]`. With `decode=True` the input is one token and self-attention uses the
-    cache. Returns `[batch, length, d_model]` (after the final norm, before the logits)."""
+    cache. `key_mask` `[batch, length]` (optional, not with `decode`): self-attention reads only
+    these positions (HART's growing history of states). Returns `[batch, length, d_model]`
+    (after the final norm, before the logits)."""
     cfg = self.config
     peft = peft if peft is not None else PeftParams()
     batch, length = embedded.shape[:2]
@@ -156,6 +158,8 @@ class Decoder(nn.Module):
         self_mask = nn.make_causal_mask(jnp.ones((batch, length))).astype(bool)
       else:
         self_mask = jnp.ones((batch, 1, length, length), bool)
+      if key_mask is not None:
+        self_mask = self_mask & key_mask.astype(bool)[:, None, None, :]
     cross_mask = encoder_mask.astype(bool)[:, None, None, :]
     x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
     x = _stack_layers(self, DecoderLayer, cfg.num_decoder_layers, x, peft.stack_view("decoder"),
