@@ -15,7 +15,10 @@ training task's validation split), and print a table per held-out subset. Writes
 `MODEL_DIR/results.txt` (the table), `results.png` (the table as grouped bars) and `curves.png`
 (the training loss of the three stages). Before each stage it prints the run's elapsed time and
 an ETA for the whole run. Extra `--gin.*` flags go to every stage (e.g. `--gin.TRAIN_STEPS=100`
-for a smoke run).
+for a smoke run, `--gin.SEED=1` for another initialisation).
+`--methods=all` also trains, over the same stage-1 model and at HyperT5's budget, HyperT5 with
+fusion-in-decoder, HART without and with its consistency loss (HART's Table 5 ladder) and HINT
+(docs/hart_hint_builtin.md).
 `--downstream_checkpoint=PATH` starts stage 1 from your checkpoint (a Hugging Face T5
 directory or a hypertune run) instead of random weights; pass the flags that match it
 (`--gin.config.t5_config.size=...`, vocabulary).
@@ -36,12 +39,24 @@ STAGES = (
     ("few-shot concatenation", "3", ["--gin_file=quickstart/3_fewshot.gin",
                                      "--gin.INITIAL_CHECKPOINT_PATH='{model_dir}/1'"]),
 )
-# Seen tasks, new queries: (table row, run directory, eval mixture), split "validation".
-SEEN = (
-    ("zero-shot T5", "1", "builtin_zeroshot_train_sample"),
-    ("HyperT5-Prefix", "2", "builtin_train_sample"),
-    ("few-shot concatenation", "3", "builtin_concat_train_sample"),
+# `--methods=all` adds the other methods over the same frozen stage-1 model, at the budget of
+# HyperT5-Prefix (docs/hart_hint_builtin.md): HART's Table 5 ladder and HINT.
+MORE_STAGES = (
+    ("HyperT5 + fusion", "2f", ["--gin_file=quickstart/2_hypert5.gin",
+                                "--gin.hypert5.HyperT5.fusion_in_decoder=True",
+                                "--gin.INITIAL_CHECKPOINT_PATH='{model_dir}/1'"]),
+    ("HART, no consistency", "4a", ["--gin_file=quickstart/2_hart.gin",
+                                    "--gin.CONSISTENCY_ALPHA=0.0",
+                                    "--gin.INITIAL_CHECKPOINT_PATH='{model_dir}/1'"]),
+    ("HART", "4", ["--gin_file=quickstart/2_hart.gin",
+                   "--gin.INITIAL_CHECKPOINT_PATH='{model_dir}/1'"]),
+    ("HINT", "5", ["--gin_file=quickstart/2_hint.gin",
+                   "--gin.INITIAL_CHECKPOINT_PATH='{model_dir}/1'"]),
 )
+# Seen tasks, new queries (split "validation"): the eval mixture of each run directory; the
+# hypernetworks' runs read the demonstrations, as in training.
+SEEN = {"1": "builtin_zeroshot_train_sample", "3": "builtin_concat_train_sample"}
+SEEN_DEFAULT = "builtin_train_sample"
 # (column, task list: a held-out subset, "train_sample" or None = all held-out, metric)
 COLUMNS = (
     ("seen acc", "train_sample", "accuracy"),
@@ -135,14 +150,21 @@ def format_table(rows) -> str:
 
 
 def parse_args(argv):
-  """-> (model_dir, downstream_checkpoint or None, the `--gin.*` flags for every stage)."""
+  """-> (model_dir, downstream_checkpoint or None, the `--gin.*` flags for every stage,
+  whether `--methods=all`)."""
   model_dir, downstream_checkpoint, gin_flags = "/tmp/hypertune_quickstart", None, []
+  all_methods = False
   for arg in argv:
     if arg in ("--help", "-h"):
       print(__doc__)
       raise SystemExit(0)
     if arg.startswith("--model_dir="):
       model_dir = arg.split("=", 1)[1]
+    elif arg.startswith("--methods="):
+      value = arg.split("=", 1)[1]
+      if value not in ("default", "all"):
+        raise SystemExit(f"quickstart: --methods={value!r}; use 'default' (the 3 rows) or 'all'")
+      all_methods = value == "all"
     elif arg.startswith("--downstream_checkpoint="):
       downstream_checkpoint = arg.split("=", 1)[1]
     elif arg.startswith("--gin.INITIAL_CHECKPOINT_PATH"):
@@ -154,8 +176,8 @@ def parse_args(argv):
       gin_flags.append(arg)
     else:
       raise SystemExit(f"quickstart: unknown argument {arg!r}; use --model_dir=DIR, "
-                       "--downstream_checkpoint=PATH or --gin.NAME=VALUE")
-  return model_dir, downstream_checkpoint, gin_flags
+                       "--downstream_checkpoint=PATH, --methods=all or --gin.NAME=VALUE")
+  return model_dir, downstream_checkpoint, gin_flags, all_methods
 
 
 def planned_steps(flags, gin_flags) -> int:
@@ -215,11 +237,11 @@ def write_plots(model_dir: str, rows, stages) -> list:
   return [results, curves]
 
 
-def stage_flags(model_dir: str, downstream_checkpoint=None):
+def stage_flags(model_dir: str, downstream_checkpoint=None, all_methods: bool = False):
   """[(row, run directory, flags)] of the training stages; stage 1 starts from
   `downstream_checkpoint` (a Hugging Face T5 directory or a hypertune run) when given."""
   out = []
-  for i, (name, run_name, flags) in enumerate(STAGES):
+  for i, (name, run_name, flags) in enumerate(STAGES + (MORE_STAGES if all_methods else ())):
     flags = [f.format(model_dir=model_dir) for f in flags]
     if i == 0 and downstream_checkpoint:
       flags.append(f"--gin.INITIAL_CHECKPOINT_PATH='{downstream_checkpoint}'")
@@ -228,14 +250,14 @@ def stage_flags(model_dir: str, downstream_checkpoint=None):
 
 
 def main(argv=None):
-  model_dir, downstream_checkpoint, gin_flags = parse_args(
+  model_dir, downstream_checkpoint, gin_flags, all_methods = parse_args(
       list(sys.argv[1:] if argv is None else argv))
   results = []
   start = time.time()
-  stages = stage_flags(model_dir, downstream_checkpoint)
-  # Cost of each of the len(STAGES) + len(SEEN) processes in training steps, for the ETA.
+  stages = stage_flags(model_dir, downstream_checkpoint, all_methods)
+  # Cost of each training stage and each seen-task evaluation in training steps, for the ETA.
   weights = [planned_steps(flags, gin_flags) + TRAIN_OVERHEAD_STEPS for _, _, flags in stages]
-  weights += [EVAL_STEPS] * len(SEEN)
+  weights += [EVAL_STEPS] * len(stages)
 
   def run(i, name, run_dir, binary, flags):
     cmd = [sys.executable, "-m", f"hypertune.{binary}", f"--gin.MODEL_DIR='{run_dir}'"] + flags
@@ -246,8 +268,8 @@ def main(argv=None):
   for i, (name, run_dir, flags) in enumerate(stages, 1):
     run(i, name, run_dir, "train", flags)
     results.append((name, latest_results(run_dir)))
-  for i, ((name, run_name, mixture), (_, row)) in enumerate(zip(SEEN, results), len(STAGES) + 1):
-    run_dir = os.path.join(model_dir, run_name)
+  for i, ((name, run_dir, _), (_, row)) in enumerate(zip(stages, results), len(stages) + 1):
+    mixture = SEEN.get(os.path.basename(run_dir), SEEN_DEFAULT)
     run(i, f"{name}, seen tasks", run_dir, "eval",
         [f"--gin.EVAL_MIXTURE_OR_TASK_NAME='{mixture}'",
          "--gin.evaluate_checkpoint.split='validation'"])

@@ -37,9 +37,10 @@ def test_summary_rows_average_each_subset_and_metric():
 def test_downstream_checkpoint_starts_stage_one_only():
   """A user's checkpoint initialises the downstream model; HyperT5 and the concatenation
   baseline still start from stage 1's result, and gin flags reach every stage."""
-  model_dir, ckpt, flags = quickstart.parse_args(
+  model_dir, ckpt, flags, all_methods = quickstart.parse_args(
       ["--model_dir=/runs/q", "--downstream_checkpoint=/ckpt/t5", "--gin.TRAIN_STEPS=4"])
   assert (model_dir, ckpt, flags) == ("/runs/q", "/ckpt/t5", ["--gin.TRAIN_STEPS=4"])
+  assert not all_methods
   stages = quickstart.stage_flags(model_dir, ckpt)
   assert [s[1] for s in stages] == ["/runs/q/1", "/runs/q/2", "/runs/q/3"]
   starts = [[f for f in s[2] if "INITIAL_CHECKPOINT_PATH" in f] for s in stages]
@@ -47,6 +48,12 @@ def test_downstream_checkpoint_starts_stage_one_only():
                     ["--gin.INITIAL_CHECKPOINT_PATH='/runs/q/1'"],
                     ["--gin.INITIAL_CHECKPOINT_PATH='/runs/q/1'"]]
   assert not [f for f in quickstart.stage_flags("/runs/q")[0][2] if "INITIAL" in f]
+  # --methods=all: the other methods also start from stage 1's model, each in its own run.
+  more = quickstart.stage_flags("/runs/q", all_methods=True)
+  assert [s[0] for s in more[3:]] == [s[0] for s in quickstart.MORE_STAGES]
+  assert len({s[1] for s in more}) == len(more)
+  assert all("--gin.INITIAL_CHECKPOINT_PATH='/runs/q/1'" in s[2] for s in more[1:])
+  assert quickstart.parse_args(["--methods=all"])[3]
 
 
 def test_stage_lines_show_elapsed_time_and_an_eta_for_the_whole_run():
@@ -81,6 +88,7 @@ def test_quickstart_help_prints_its_usage(capsys):
 @pytest.mark.parametrize("arg, message", [
     ("--gin.INITIAL_CHECKPOINT_PATH='/x'", "--downstream_checkpoint"),
     ("--steps=3", "unknown argument '--steps=3'"),
+    ("--methods=some", "--methods='some'; use 'default'"),
 ])
 def test_bad_quickstart_arguments_are_named(arg, message):
   with pytest.raises(SystemExit, match=message):

@@ -34,7 +34,8 @@ def _placeholders(hf_dir, shared, tmp):
   (tmp / "demos.json").write_text(json.dumps({"instruction": "Copy the input.", "demonstrations": [
       {"input": "a cat", "target": "a cat"}, {"input": "a dog", "target": "a dog"}]}))
   (tmp / "queries.txt").write_text("a bird\na fish\n")
-  return {"/models/t5-large-lm-adapt": hf_dir, "/models/spiece.model":
+  return {"/models/t5-large-lm-adapt": hf_dir, "/models/t5-xl-lm-adapt": hf_dir,
+          "/models/spiece.model":
           f"{shared}/t5_vocab/spiece.model", "/data/sni": f"{shared}/sni",
           "/data/p3": f"{shared}/p3", "/data/corpus.jsonl": str(corpus), "/runs/": f"{tmp}/",
           "'demos.json'": f"'{tmp}/demos.json'", "'queries.txt'": f"'{tmp}/queries.txt'"}
