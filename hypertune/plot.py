@@ -96,11 +96,13 @@ def _integer_steps(ax) -> None:
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def plot_runs(run_dirs, out: str, labels=None, title: str = "", with_eval: bool = True) -> str:
-  """Writes `out` (PNG): training loss vs step per run and, where any run has
-  `eval/results_step*.json` and `with_eval`, each evaluation average vs step. Returns `out`."""
+def plot_runs(run_dirs, out: str, labels=None, title: str = "", with_eval: bool = True,
+              metric: str = "loss") -> str:
+  """Writes `out` (PNG): a training metric (the loss; e.g. "cross_entropy" leaves a method's
+  auxiliary losses out) vs step per run and, where any run has `eval/results_step*.json` and
+  `with_eval`, each evaluation average vs step. Returns `out`."""
   labels = list(labels or run_labels(run_dirs))
-  curves = [train_curve(d) for d in run_dirs]
+  curves = [train_curve(d, metric) for d in run_dirs]
   evals = [eval_curves(d) for d in run_dirs] if with_eval else [{} for _ in run_dirs]
   with_eval = any(evals)
   fig = Figure(figsize=(12 if with_eval else 7, 4.5), layout="constrained")
@@ -111,8 +113,8 @@ def plot_runs(run_dirs, out: str, labels=None, title: str = "", with_eval: bool 
     # A run with a single log line (tiny runs) is still visible as a marker.
     ax.plot(steps, losses, marker="o" if len(steps) < 20 else None, label=label, color=color)
   # One panel under a figure title needs no title of its own.
-  ax.set(xlabel="step", ylabel="training loss", title="" if title and not with_eval else
-         "training loss")
+  name = "training loss" if metric == "loss" else f"training {metric}"
+  ax.set(xlabel="step", ylabel=name, title="" if title and not with_eval else name)
   _integer_steps(ax)
   positive = [v for _, losses in curves for v in losses if v > 0]
   if positive and max(positive) > 10 * min(positive):
@@ -181,6 +183,8 @@ def parse_args(argv):
   parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR", help="run directories")
   parser.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
   parser.add_argument("--title", default="", help="figure title")
+  parser.add_argument("--metric", default="loss",
+                      help="training metric to draw (default: loss; e.g. cross_entropy)")
   return parser.parse_args(argv)
 
 
@@ -190,10 +194,10 @@ def main(argv=None) -> None:
   for d in args.model_dirs:
     if not os.path.isdir(d):
       raise SystemExit(f"hypertune-plot: no such run directory: {d}")
-    if not train_curve(d)[0] and not eval_curves(d):
+    if not train_curve(d, args.metric)[0] and not eval_curves(d):
       raise SystemExit(f"hypertune-plot: {d} has no train/metrics.jsonl, TensorBoard training "
                        "loss or eval/results_step*.json to plot")
-  print(f"wrote {plot_runs(args.model_dirs, args.out, title=args.title)}")
+  print(f"wrote {plot_runs(args.model_dirs, args.out, title=args.title, metric=args.metric)}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def tiny_run(run_dir, losses, eval_steps=(), jsonl=True):
   log = progress.ProgressLogger(str(run_dir), total_steps=len(losses), log_every_steps=2,
                                 write_jsonl=jsonl, print_fn=lambda _: None)
   for step, loss in enumerate(losses, 1):
-    log.update(step, {"loss": loss}, num_tokens=64, learning_rate=1e-3)
+    log.update(step, {"loss": loss, "cross_entropy": loss / 2}, num_tokens=64,
+               learning_rate=1e-3)
   log.close()
   for step in eval_steps:
     evaluation.write_results(str(run_dir), step, {
@@ -47,6 +48,10 @@ def test_curves_of_tiny_runs_with_and_without_evaluations(tmp_path):
   loss_only = tmp_path / "loss.png"
   plot.plot_runs([str(b)], str(loss_only))
   assert_png(loss_only)
+  # Another training metric (a method's loss without its auxiliary terms).
+  assert plot.train_curve(str(a), "cross_entropy") == ([2, 4], [1.75, 0.75])
+  plot.main([str(a), "--metric", "cross_entropy", "--out", str(tmp_path / "ce.png")])
+  assert_png(tmp_path / "ce.png", min_width=1000)
 
 
 def test_labels_are_directory_names_unless_two_runs_share_one():
