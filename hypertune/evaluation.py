@@ -66,41 +66,48 @@ class Evaluator:
     self._predict = jax.jit(functools.partial(model.predict, max_decode_len=self.max_decode_len,
                                               num_beams=num_beams))
 
-  def task_parameters(self, params, method_state, batch, size):
-    """The task's parameters, written once from one row (all rows share the demonstrations),
-    repeated over the `size` rows of a batch."""
+  def task_parameters(self, params, method_state, batch, num_rows: int):
+    """Per-row task parameters for a batch that may hold several tasks' rows: each task's
+    parameters are written once, from its first row (a task's rows share its
+    demonstrations), then gathered to its rows. The hypernetwork runs on the batch's tasks
+    padded to a power of two: a few compiled shapes, never a call per query."""
     if not self.model.has_hypernet:
       return None
-    hyper = jnp.asarray(batch["hyper_encoder_input_tokens"][:1])
-    return self._task_parameters(params, method_state, hyper).repeat(size)
+    task_index = np.asarray(batch["task_index"][:num_rows])
+    starts = np.flatnonzero(np.r_[True, task_index[1:] != task_index[:-1]])
+    row_to_task = np.zeros(len(batch["task_index"]), np.int32)  # padding rows: task 0
+    row_to_task[:num_rows] = np.cumsum(np.r_[True, task_index[1:] != task_index[:-1]]) - 1
+    size = min(1 << (len(starts) - 1).bit_length(), self.batch_size)
+    hyper = _pad_batch({"h": batch["hyper_encoder_input_tokens"][starts]}, size)["h"]
+    per_task = self._task_parameters(params, method_state, jnp.asarray(hyper))
+    return jax.tree.map(lambda x: jnp.take(x, row_to_task, axis=0), per_task)
 
-  def _task_batches(self, params, method_state, task_names: Sequence[str], split: str,
-                    score_choices: bool):
-    """(task name, rows, padded model batch, task parameters) for each run of one task's
-    rows, all tasks read through one pipeline; task parameters are written once per task."""
+  def _batches(self, params, method_state, task_names: Sequence[str], split: str,
+               score_choices: bool):
+    """(rows, padded model batch, per-row task parameters) for every batch of all tasks'
+    rows, read through one pipeline; a batch may hold the rows of several tasks."""
     tasks = [seqio.get_mixture_or_task(name) for name in task_names]
     batches = eval_batches.get_eval_batches(tasks, split, self.batch_size, self.lengths,
                                             score_choices=score_choices)
-    current, task_params = None, None
-    for index, rows in eval_batches.split_by_task(batches.as_numpy_iterator()):
+    for rows in batches.as_numpy_iterator():
       padded = _pad_batch(rows, self.batch_size)
-      if index != current:  # a task's rows are contiguous
-        current = index
-        task_params = self.task_parameters(params, method_state, padded, self.batch_size)
+      task_params = self.task_parameters(params, method_state, padded, len(rows["task_index"]))
       features = {k: jnp.asarray(v) for k, v in padded.items() if k in MODEL_BATCH_FEATURES}
-      yield task_names[index], rows, features, task_params
+      yield rows, features, task_params
 
   def rank_classification(self, params, task_names: Sequence[str], split: str,
                           method_state=None) -> Dict[str, Dict[str, float]]:
     """{task: {"accuracy": %}}: the choice with the highest summed target log-likelihood."""
-    parts = {name: [] for name in task_names}  # (scores, example ids, choices, labels)
-    for name, rows, batch, task_params in self._task_batches(params, method_state or {},
-                                                             task_names, split, True):
-      s = self._score(params, task_params, batch)
-      parts[name].append((np.asarray(s)[:len(rows["task_index"])], rows["example_id"],
-                          rows["choice_index"], rows["label"]))
+    columns = []  # (task index, scores, example ids, choices, labels) of each batch
+    for rows, batch, task_params in self._batches(params, method_state or {}, task_names,
+                                                  split, True):
+      s = np.asarray(self._score(params, task_params, batch))[:len(rows["task_index"])]
+      columns.append((rows["task_index"], s, rows["example_id"], rows["choice_index"],
+                      rows["label"]))
+    task_index, *rest = (np.concatenate(c) for c in zip(*columns))
     return {name: {"accuracy": metrics_lib.rank_classification_accuracy(
-        *(np.concatenate(column) for column in zip(*p)))} for name, p in parts.items() if p}
+        *(c[task_index == i] for c in rest))}
+            for i, name in enumerate(task_names) if np.any(task_index == i)}
 
   def generation(self, params, task_names: Sequence[str], split: str,
                  references: Mapping[str, Sequence[Sequence[str]]],
@@ -110,10 +117,11 @@ class Evaluator:
     predictions = {name: [] for name in task_names}
     # Tasks evaluated together share their vocabulary (eval_batches checks it).
     vocab = seqio.get_mixture_or_task(task_names[0]).output_features["targets"].vocabulary
-    for name, rows, batch, task_params in self._task_batches(params, method_state or {},
-                                                             task_names, split, False):
-      tokens = self._predict(params, task_params, batch)
-      predictions[name] += detokenize(vocab, np.asarray(tokens)[:len(rows["task_index"])])
+    for rows, batch, task_params in self._batches(params, method_state or {}, task_names,
+                                                  split, False):
+      tokens = np.asarray(self._predict(params, task_params, batch))
+      for i, text in zip(rows["task_index"], detokenize(vocab, tokens[:len(rows["task_index"])])):
+        predictions[task_names[i]].append(text)
     for name in task_names:
       if len(predictions[name]) != len(references[name]):
         raise RuntimeError(f"{name}: {len(predictions[name])} predictions for "
@@ -154,8 +162,8 @@ class Evaluator:
             {"inputs": ex["inputs"], "prediction": p, "references": list(ex["references"])}
             for ex, p in zip(examples[name], predictions)]
         results[name].update(r)
-    for name in task_names:
-      logging.info("eval %s: %s", name, results[name])
+    for name in task_names:  # per task on --verbosity=1; the files have them all
+      logging.debug("eval %s: %s", name, results[name])
     return metrics_lib.aggregate_task_metrics(results)
 
 

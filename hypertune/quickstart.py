@@ -259,11 +259,17 @@ def main(argv=None):
   weights = [planned_steps(flags, gin_flags) + TRAIN_OVERHEAD_STEPS for _, _, flags in stages]
   weights += [EVAL_STEPS] * len(stages)
 
+  # One persistent compilation cache for the stages: the seen-task evaluations (and the
+  # --methods=all stages) reuse what earlier stages compiled.
+  env = dict(os.environ)
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(model_dir, "jax_cache"))
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
   def run(i, name, run_dir, binary, flags):
     cmd = [sys.executable, "-m", f"hypertune.{binary}", f"--gin.MODEL_DIR='{run_dir}'"] + flags
     print(f"\n{stage_line(i, weights, name, time.time() - start)} ({binary}, {run_dir})",
           flush=True)
-    subprocess.run(cmd + gin_flags, check=True)
+    subprocess.run(cmd + gin_flags, check=True, env=env)
 
   for i, (name, run_dir, flags) in enumerate(stages, 1):
     run(i, name, run_dir, "train", flags)

@@ -514,27 +514,29 @@ def test_scoring_batches(toy_task_name):
 
 def test_eval_batches_of_many_tasks_match_one_pipeline_per_task(toy_task_name):
   """One pipeline over several tasks gives each task's rows exactly as its own pipeline
-  would, tagged with its position, and split_by_task never mixes two tasks' rows."""
+  would, in order and tagged with the task's position (a batch may hold two tasks' rows)."""
   common.register_three_input_task("test_core.toy_b", _toy_task(n_test=3, name="toy_b"),
                                    fewshot.HyperConfig(k=1), seqio.ByteVocabulary())
   tasks = [seqio.get_mixture_or_task(n) for n in (toy_task_name, "test_core.toy_b")]
   lengths = {"hyper_inputs": 64, "inputs": 8, "targets": 4}
 
-  def runs(task_list, score_choices):
-    batches = eval_batches.get_eval_batches(task_list, "test", 4, lengths,
-                                            score_choices=score_choices)
-    return [(i, {k: v.tolist() for k, v in rows.items() if k != "task_index"})
-            for i, rows in eval_batches.split_by_task(batches.as_numpy_iterator())]
+  def rows(task_list, score_choices):
+    batches = list(eval_batches.get_eval_batches(task_list, "test", 4, lengths,
+                                                 score_choices=score_choices
+                                                 ).as_numpy_iterator())
+    assert all(len(b["task_index"]) == 4 for b in batches[:-1])  # batches span tasks
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
-  flat = lambda parts: {k: sum((p[k] for p in parts), []) for k in parts[0]}
   for score_choices, rows_per_task in ((False, [5, 3]), (True, [10, 6])):
-    together = runs(tasks, score_choices)
-    # 5 + 3 rows in batches of 4: [0 0 0 0] [0 | 1 1 1]; 10 + 6: [4] [4] [2 | 2] [4]
-    assert [i for i, _ in together] == ([0, 0, 0, 1, 1] if score_choices else [0, 0, 1])
+    together = rows(tasks, score_choices)
+    assert together["task_index"].tolist() == sum(([i] * n for i, n in
+                                                   enumerate(rows_per_task)), [])
     for index, task in enumerate(tasks):
-      mine = flat([rows for i, rows in together if i == index])
-      assert mine == flat([rows for _, rows in runs([task], score_choices)])
-      assert len(mine["encoder_input_tokens"]) == rows_per_task[index]
+      alone = rows([task], score_choices)
+      mine = together["task_index"] == index
+      for k, v in alone.items():
+        if k != "task_index":
+          np.testing.assert_array_equal(together[k][mine], v)
   with pytest.raises(ValueError, match="no tasks"):
     eval_batches.get_eval_batches([], "test", 4, lengths)
   untrimmed = seqio.Task("test_core.untrimmed", tasks[0].source, tasks[0].output_features,

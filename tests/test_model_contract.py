@@ -149,3 +149,31 @@ def test_memory_emitting_hypernet_trains_evaluates_and_deploys(tmp_path):
   assert saved.extra_memory.shape == (1, 4, 64) and not saved.prefixes
   lines = [json.loads(line) for line in open(os.path.join(peft_dir, "predictions.jsonl"))]
   assert [line["input"] for line in lines] == ["ab", "cd"]
+
+
+class _EchoHypernetModel(DecoderOnlyModel):
+  """Task parameters that are the hyper tokens themselves (as `extra_memory`)."""
+
+  @property
+  def has_hypernet(self):
+    return True
+
+  def task_parameters(self, params, method_state, hyper_tokens):
+    memory = hyper_tokens.astype(jnp.float32)[:, :, None]
+    return PeftParams(extra_memory=memory, extra_memory_mask=hyper_tokens > 0)
+
+
+def test_evaluator_gives_each_row_of_a_mixed_batch_its_own_tasks_parameters():
+  """A batch holding three tasks' rows (and padding): the hypernetwork runs once per task,
+  from the task's first row, and every row gets its own task's parameters."""
+  from hypertune.evaluation import Evaluator  # pylint: disable=g-import-not-at-top
+  ev = Evaluator(_EchoHypernetModel(), {"hyper_inputs": 3, "inputs": 4, "targets": 2},
+                 batch_size=8)
+  task_index = np.array([4, 4, 5, 5, 5, 9, 0, 0])  # 6 real rows, then 2 padding rows
+  hyper = np.repeat(np.arange(8)[:, None] + 10, 3, axis=1)  # row i: [10+i] * 3
+  peft = ev.task_parameters({}, {}, {"task_index": task_index,
+                                     "hyper_encoder_input_tokens": hyper}, num_rows=6)
+  first_row_of_task = [0, 0, 2, 2, 2, 5]
+  np.testing.assert_array_equal(np.asarray(peft.extra_memory)[:6, 0, 0],
+                                [10 + i for i in first_row_of_task])
+  assert peft.extra_memory.shape == (8, 3, 1)

@@ -4,12 +4,12 @@ seqio builds a pipeline per task (tracing its preprocessors and the feature conv
 about 0.5 s each); an evaluation mixture of a hundred small tasks would spend most of its
 time there. Here the tasks' sources are read in order, concatenated, and tokenized and
 converted once. Each row keeps `task_index` (the task's position in the list) so the
-evaluator can group rows by task; `split_by_task` cuts batches where the task changes.
+evaluator can group rows by task (a batch may hold several tasks' rows).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import seqio
@@ -49,7 +49,7 @@ def get_eval_batches(
   and `task_index` [B] int32. With `score_choices` every example becomes one row per
   answer choice (rank classification; `rank_classification.expand_choices`) and batches
   also carry `example_id`, `choice_index`, `label` [B] int32. The last batch is not
-  dropped; a batch may hold rows of two tasks (see `split_by_task`).
+  dropped; a batch may hold rows of several tasks.
   """
   if not tasks:
     raise ValueError("get_eval_batches: no tasks")
@@ -73,13 +73,3 @@ def get_eval_batches(
   ids = ds.map(lambda ex: {k: tf.cast(ex[k], tf.int32) for k in side})
   both = tf.data.Dataset.zip((converter(ds, task_feature_lengths), ids))
   return both.map(lambda a, b: {**a, **b}).batch(batch_size)
-
-
-def split_by_task(batches: Iterator[Mapping[str, np.ndarray]]
-                  ) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
-  """(task_index, rows of that task) for each run of one task's rows in each batch."""
-  for batch in batches:
-    index = batch["task_index"]
-    starts = [0] + (np.flatnonzero(np.diff(index)) + 1).tolist() + [len(index)]
-    for a, b in zip(starts[:-1], starts[1:]):
-      yield int(index[a]), {k: v[a:b] for k, v in batch.items()}
