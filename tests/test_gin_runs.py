@@ -44,10 +44,11 @@ def _quickstart_run_files():
 
 
 def _method_test_run_files():
-  """HART's and HINT's built-in-suite runs (tests/test_hart_hint.py trains, resumes, evaluates,
-  infers and shards them)."""
-  from test_hart_hint import RUNS  # pylint: disable=g-import-not-at-top
-  return set(RUNS)
+  """HART's, HINT's and HyperLlama's built-in-suite runs (tests/test_hart_hint.py and
+  tests/test_hyperllama.py train, evaluate and check them)."""
+  import test_hart_hint  # pylint: disable=g-import-not-at-top
+  import test_hyperllama  # pylint: disable=g-import-not-at-top
+  return set(test_hart_hint.RUNS) | set(test_hyperllama.RUNS)
 
 
 # Each run file is run once in the suite: here, unless another test already runs it.

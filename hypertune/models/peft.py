@@ -18,6 +18,8 @@ Shapes as stored (with the `layers` axis):
   Adapter.down: [batch, layers, bottleneck, d_model]
   Adapter.up:   [batch, layers, d_model, bottleneck]
   extra_memory: [batch, memory_len, d_model]; extra_memory_mask: [batch, memory_len]
+  position_offset: [batch] (decoder-only models: where each row's tokens start)
+A grouped-query model (Llama) has `num_kv_heads` heads in prefixes and k/v LoRA outputs.
 Inside a scanned layer each tensor is seen without its `layers` axis.
 
 Absent pieces are simply absent (empty dicts / None) and cost nothing: the model only adds a
@@ -76,6 +78,8 @@ class PeftParams:
   adapters: Mapping[str, Adapter] = flax.struct.field(default_factory=dict)
   extra_memory: Optional[Array] = None  # fusion-in-decoder memory [batch, memory_len, d_model]
   extra_memory_mask: Optional[Array] = None  # [batch, memory_len], 1 = attend
+  # Decoder-only models: row i's first token sits at position offset_i [batch] (int32).
+  position_offset: Optional[Array] = None
 
   # --- views -------------------------------------------------------------------------------
   def stack_view(self, stack: str) -> "PeftParams":
@@ -105,7 +109,8 @@ class PeftParams:
 
   @property
   def is_empty(self) -> bool:
-    return not (self.prefixes or self.lora or self.adapters or self.extra_memory is not None)
+    return not (self.prefixes or self.lora or self.adapters or self.extra_memory is not None
+                or self.position_offset is not None)
 
   # --- validation ----------------------------------------------------------------------------
   def validate(self, config, batch_size: int) -> None:
@@ -114,6 +119,8 @@ class PeftParams:
     Runs at trace time (shapes are static), so a wrong tensor never reaches a JAX op.
     """
     layers = {"encoder": config.num_encoder_layers, "decoder": config.num_decoder_layers}
+    # Grouped-query attention (Llama): prefixes and k/v projections have the key/value heads.
+    kv_heads = getattr(config, "num_kv_heads", config.num_heads)
     stack_of = {"encoder_self": "encoder", "decoder_self": "decoder", "decoder_cross": "decoder"}
 
     def check(name, x, expected, axes):
@@ -126,8 +133,8 @@ class PeftParams:
         raise PeftShapeError(f"PEFT prefixes[{kind!r}]: unknown attention kind; expected one "
                              f"of {ATTENTION_KINDS}")
       p = prefix.key.shape[2] if prefix.key.ndim == 5 else -1
-      shape = (batch_size, layers[stack_of[kind]], p, config.num_heads, config.d_kv)
-      axes = ("batch", "layers", "prefix_len", f"heads={config.num_heads}",
+      shape = (batch_size, layers[stack_of[kind]], p, kv_heads, config.d_kv)
+      axes = ("batch", "layers", "prefix_len", f"heads={kv_heads}",
               f"head_dim={config.d_kv}")
       check(f"prefixes[{kind!r}].key", prefix.key, shape, axes)
       check(f"prefixes[{kind!r}].value", prefix.value, shape, axes)
@@ -138,6 +145,7 @@ class PeftParams:
         raise PeftShapeError(f"PEFT lora[{name!r}]: expected a key 'KIND/PROJ' with KIND in "
                              f"{ATTENTION_KINDS} and PROJ in {PROJECTIONS}")
       d_in, d_out = ((config.inner_dim, config.d_model) if proj == "o" else
+                     (config.d_model, kv_heads * config.d_kv) if proj in ("k", "v") else
                      (config.d_model, config.inner_dim))
       rank = lora.down.shape[2] if lora.down.ndim == 4 else -1
       n = layers[stack_of[kind]]
@@ -155,6 +163,8 @@ class PeftParams:
       check(f"adapters[{stack!r}].up", adapter.up, (batch_size, layers[stack], config.d_model, b),
             ("batch", "layers", f"d_model={config.d_model}", "bottleneck"))
 
+    if self.position_offset is not None:
+      check("position_offset", self.position_offset, (batch_size,), ("batch",))
     if (self.extra_memory is None) != (self.extra_memory_mask is None):
       raise PeftShapeError("PEFT extra_memory and extra_memory_mask must be given together")
     if self.extra_memory is not None:
@@ -183,6 +193,8 @@ def to_arrays(peft: PeftParams) -> dict:
   if peft.extra_memory is not None:
     arrays["extra_memory"] = peft.extra_memory
     arrays["extra_memory_mask"] = peft.extra_memory_mask
+  if peft.position_offset is not None:
+    arrays["position_offset"] = peft.position_offset
   arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}
   return arrays, {name: lo.scale for name, lo in peft.lora.items()}
 
@@ -202,11 +214,12 @@ def from_arrays(arrays: Mapping, lora_scales: Mapping[str, float]) -> PeftParams
     elif section == "adapters":
       stack = rest.rsplit("/", 1)[0]
       adapters[stack] = Adapter(arrays[f"adapters/{stack}/down"], arrays[f"adapters/{stack}/up"])
-    elif key not in ("extra_memory", "extra_memory_mask"):
+    elif key not in ("extra_memory", "extra_memory_mask", "position_offset"):
       raise ValueError(f"PEFT file: unknown tensor {key!r}")
   return PeftParams(prefixes=prefixes, lora=lora, adapters=adapters,
                     extra_memory=arrays.get("extra_memory"),
-                    extra_memory_mask=arrays.get("extra_memory_mask"))
+                    extra_memory_mask=arrays.get("extra_memory_mask"),
+                    position_offset=arrays.get("position_offset"))
 
 
 def save(directory: str, peft: PeftParams, metadata: Mapping) -> None:

@@ -1,0 +1,88 @@
+"""HyperLlama (Phang, 2023, `hyperllama_gisting.md` sections 3-4): a gist-token hypernetwork.
+
+The hypernetwork is the downstream Llama itself (one copy of the base weights) with its own
+LoRA, active only in this pass. It reads `[BOS ; demonstrations ; gists]` causally, where the
+G gists are learned embeddings appended after each row's real tokens; the keys and values at
+the gist positions of every layer become the downstream model's prefix
+`[batch, layers, G, kv_heads, head_dim]`, and the downstream input of row i starts at position
+`n_i + G` (its hyper input's length plus the gists, `PeftParams.position_offset`), as if it
+followed the gists in one pass that masks the demonstrations from it (tests/test_hyperllama.py
+checks that equivalence). Trained: the hypernetwork LoRA and the gist embeddings; optionally
+(`downstream_lora_rank > 0`, the paper's downstream adaptation) a second LoRA that only the
+downstream pass uses.
+"""
+from typing import Dict, Sequence
+
+import flax.linen as nn
+import gin
+import jax.numpy as jnp
+
+from hypertune.models import llama as llama_lib
+from hypertune.models.llama import LlamaConfig
+from hypertune.models.peft import LoRA, PeftParams, Prefix
+
+
+class SharedLoRA(nn.Module):
+  """One LoRA per layer on the attention projections, broadcast over the batch.
+
+  down `[layers, rank, in]` (random), up `[layers, out, rank]` (zero: starts as the base model).
+  """
+  config: LlamaConfig
+  rank: int
+  alpha: float
+  projections: Sequence[str] = ("q", "k", "v", "o")
+
+  @nn.compact
+  def __call__(self, batch: int) -> Dict[str, LoRA]:
+    cfg = self.config
+    kv = cfg.num_kv_heads * cfg.head_dim
+    dims = {"q": (cfg.d_model, cfg.inner_dim), "k": (cfg.d_model, kv), "v": (cfg.d_model, kv),
+            "o": (cfg.inner_dim, cfg.d_model)}
+    out = {}
+    for proj in self.projections:
+      d_in, d_out = dims[proj]
+      down = self.param(f"{proj}_down", nn.with_logical_partitioning(
+          nn.initializers.normal(d_in**-0.5), ("layers", "lora_rank", "embed")),
+          (cfg.num_layers, self.rank, d_in), jnp.float32)
+      up = self.param(f"{proj}_up", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("layers", "embed", "lora_rank")),
+          (cfg.num_layers, d_out, self.rank), jnp.float32)
+      out[f"decoder_self/{proj}"] = LoRA(
+          down=jnp.broadcast_to(down, (batch,) + down.shape),
+          up=jnp.broadcast_to(up, (batch,) + up.shape), scale=self.alpha / self.rank)
+    return out
+
+
+@gin.configurable
+class Gisting(nn.Module):
+  """`hyper_tokens [batch, hyper_len]` -> PeftParams(gist prefix, position offset[, LoRA])."""
+  config: LlamaConfig
+  num_gist_tokens: int = 16
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  downstream_lora_rank: int = 0  # > 0: the paper's downstream adaptation
+
+  @nn.compact
+  def __call__(self, hyper_tokens, deterministic: bool = True, downstream=None) -> PeftParams:
+    if downstream is None:
+      raise ValueError("Gisting runs inside the downstream Llama: use it as the `hypernet` of "
+                       "decoder_only.HyperCausalLM")
+    cfg, g = self.config, self.num_gist_tokens
+    batch = hyper_tokens.shape[0]
+    gists = self.param("gist_embeddings", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ("hyper_tokens", "embed")), (g, cfg.d_model), jnp.float32)
+    tokens, mask = llama_lib.prompt(cfg, hyper_tokens)  # [BOS ; demonstrations], right-aligned
+    embedded = jnp.concatenate([downstream.embed(tokens), jnp.broadcast_to(
+        gists.astype(cfg.compute_dtype), (batch, g, cfg.d_model))], axis=1)
+    key_mask = jnp.concatenate([mask, jnp.ones((batch, g), bool)], axis=1)
+    hyper_lora = SharedLoRA(cfg, self.lora_rank, self.lora_alpha, name="hyper_lora")(batch)
+    _, (keys, values) = downstream.hidden(
+        embedded, llama_lib.positions_of(key_mask), llama_lib.causal_mask(key_mask),
+        PeftParams(lora=hyper_lora), deterministic, kv_last=g)
+    prefix = Prefix(jnp.moveaxis(keys, 0, 1), jnp.moveaxis(values, 0, 1))
+    lora = {}
+    if self.downstream_lora_rank:
+      lora = SharedLoRA(cfg, self.downstream_lora_rank, self.lora_alpha,
+                        name="downstream_lora")(batch)
+    return PeftParams(prefixes={"decoder_self": prefix}, lora=lora,
+                      position_offset=jnp.sum(mask, axis=1).astype(jnp.int32) + g)

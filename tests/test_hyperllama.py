@@ -1,0 +1,171 @@
+"""HyperLlama: gist keys/values as a prefix with a position offset equal one pass under the gist
+mask; the hypernetwork LoRA only acts in the hypernetwork pass; decoding; the built-in runs."""
+import os
+
+import gin_training
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hypertune.hypernets.gisting import Gisting
+from hypertune.models import decoder_only
+from hypertune.models import llama as llama_lib
+from hypertune.models.peft import PeftParams
+
+# The HyperLlama run files; this file runs them (tests/test_gin_runs.py skips them).
+RUNS = ["experiments/hyperllama/builtin_llama.gin",
+        "experiments/hyperllama/builtin_hyperllama.gin"]
+G = 3
+CFG = llama_lib.llama_config("tiny", vocab_size=64, bos_id=1, eos_id=2)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  module = decoder_only.HyperCausalLM(CFG, Gisting(CFG, num_gist_tokens=G, lora_rank=2))
+  shapes = {"encoder_input_tokens": (2, 6), "decoder_input_tokens": (2, 3),
+            "hyper_encoder_input_tokens": (2, 8)}
+  variables = jax.jit(lambda: module.init(jax.random.key(0), **{
+      k: jnp.ones(s, jnp.int32) for k, s in shapes.items()}))()
+  from flax.core import meta  # pylint: disable=g-import-not-at-top
+  return module, meta.unbox(variables["params"])
+
+
+def _right_pad(rows, width):
+  return jnp.array([r + [0] * (width - len(r)) for r in rows], jnp.int32)
+
+
+DEMOS = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]  # rows of different lengths
+QUERIES = [[20, 21, 22, 23], [24, 25]]
+
+
+def _downstream(params, method, *args, **kw):
+  return llama_lib.Llama(CFG).apply({"params": params["downstream"]}, *args, method=method, **kw)
+
+
+def _two_pass(module, params, demos):
+  """Logits `[batch, 1 + max query, vocab]` of `[BOS ; query]` with the gist prefix."""
+  peft = module.apply({"params": params}, _right_pad(demos, 8),
+                      method=decoder_only.HyperCausalLM.generate_peft)
+  tokens, mask = llama_lib.prompt(CFG, _right_pad(QUERIES, 4))
+  logits = _downstream(params, llama_lib.Llama.__call__, tokens,
+                       llama_lib.positions_of(mask, peft.position_offset),
+                       llama_lib.causal_mask(mask), peft)
+  return logits, peft
+
+
+def _one_pass(params, demos):
+  """Logits of one pass over `[BOS ; demos ; gists ; BOS ; query]` per row (right-aligned),
+  where the query sees the gists but not the demonstrations (the gist mask)."""
+  gists = params["hypernet"]["gist_embeddings"]
+  rows, parts = [], []
+  for d, q in zip(demos, QUERIES):
+    rows.append([1] + d + [0] * G + [1] + q)
+    parts.append([0] * (1 + len(d)) + [1] * G + [2] * (1 + len(q)))
+  width = max(len(r) for r in rows)
+  tokens = jnp.array([[0] * (width - len(r)) + r for r in rows])
+  part = jnp.array([[-1] * (width - len(p)) + p for p in parts])
+  embedded = _downstream(params, llama_lib.Llama.embed, tokens)
+  gist_index = jnp.clip(jnp.cumsum(part == 1, axis=1) - 1, 0, G - 1)
+  embedded = jnp.where((part == 1)[..., None], gists[gist_index], embedded)
+  key_mask = part >= 0
+  mask = llama_lib.causal_mask(key_mask)
+  mask &= ~((part == 2)[:, None, :, None] & (part == 0)[:, None, None, :])  # the gist mask
+  states, _ = _downstream(params, llama_lib.Llama.hidden, embedded,
+                          llama_lib.positions_of(key_mask), mask)
+  return _downstream(params, llama_lib.Llama.logits, states)
+
+
+def test_gist_prefix_with_offset_equals_one_pass_under_the_gist_mask(model_and_params):
+  module, params = model_and_params
+  # A non-zero hypernetwork LoRA would make the two passes differ by design (it is active
+  # only for the demonstrations and gists); with it at its zero init both use the base model.
+  two, peft = _two_pass(module, params, DEMOS)
+  one = _one_pass(params, DEMOS)
+  assert peft.position_offset.tolist() == [1 + 3 + G, 1 + 6 + G]
+  for i, q in enumerate(QUERIES):
+    n = len(q) + 1
+    np.testing.assert_allclose(two[i, -n:], one[i, -n:], atol=1e-5)
+  # Tokens before the gists reach the query only through the gists: other demonstrations
+  # change the outputs, and equal them again when their own gists are the prefix.
+  other = [[30, 31, 32], [33, 34, 35, 36, 37, 38]]
+  two_other, _ = _two_pass(module, params, other)
+  assert not np.allclose(two_other[0, -5:], two[0, -5:], atol=1e-4)
+  np.testing.assert_allclose(two_other[0, -5:], _one_pass(params, other)[0, -5:], atol=1e-5)
+
+
+def test_hypernetwork_lora_acts_only_in_the_hypernetwork_pass(model_and_params):
+  module, params = model_and_params
+  hyper = _right_pad(DEMOS, 8)
+  gen = lambda p: module.apply({"params": p}, hyper,
+                               method=decoder_only.HyperCausalLM.generate_peft)
+  # At its zero init the hypernetwork pass is the base model's pass over [BOS; demos; gists].
+  tokens, mask = llama_lib.prompt(CFG, hyper)
+  embedded = jnp.concatenate([_downstream(params, llama_lib.Llama.embed, tokens),
+                              jnp.broadcast_to(params["hypernet"]["gist_embeddings"],
+                                               (2, G, CFG.d_model))], axis=1)
+  key_mask = jnp.concatenate([mask, jnp.ones((2, G), bool)], axis=1)
+  _, (k, _) = _downstream(params, llama_lib.Llama.hidden, embedded,
+                          llama_lib.positions_of(key_mask), llama_lib.causal_mask(key_mask),
+                          kv_last=G)
+  np.testing.assert_allclose(gen(params).prefixes["decoder_self"].key, jnp.moveaxis(k, 0, 1),
+                             atol=1e-6)
+  # A trained (non-zero) LoRA changes the gists but not the downstream pass given them.
+  lora = jax.tree.map(lambda x: x + 0.1, params["hypernet"]["hyper_lora"])
+  tuned = {**params, "hypernet": {**params["hypernet"], "hyper_lora": lora}}
+  peft_tuned = gen(tuned)
+  assert not np.allclose(peft_tuned.prefixes["decoder_self"].key,
+                         gen(params).prefixes["decoder_self"].key, atol=1e-4)
+  q_tokens, q_mask = llama_lib.prompt(CFG, _right_pad(QUERIES, 4))
+  args = (q_tokens, llama_lib.positions_of(q_mask, peft_tuned.position_offset),
+          llama_lib.causal_mask(q_mask), peft_tuned)
+  np.testing.assert_array_equal(_downstream(params, llama_lib.Llama.__call__, *args),
+                                _downstream(tuned, llama_lib.Llama.__call__, *args))
+
+
+def test_greedy_decoding_is_the_argmax_of_teacher_forcing_with_offsets(model_and_params):
+  module, params = model_and_params
+  peft = module.apply({"params": params}, _right_pad(DEMOS, 8),
+                      method=decoder_only.HyperCausalLM.generate_peft)
+  model = llama_lib.Llama(CFG)
+  prompts = _right_pad(QUERIES, 4)
+  for p in (None, peft):
+    out = decoder_only.greedy_decode(model, params["downstream"], prompts, p, max_decode_len=5)
+    assert out.shape == (2, 5)
+    dec_in = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), out[:, :-1]], axis=1)
+    logits = model.apply({"params": params["downstream"]}, prompts, dec_in, p,
+                         method=decoder_only.target_logits)
+    # Up to and including the first EOS (pads follow it).
+    live = jnp.cumsum(jnp.cumsum(out == CFG.eos_id, axis=1), axis=1) <= 1
+    np.testing.assert_array_equal(jnp.where(live, jnp.argmax(logits, -1), CFG.pad_id), out)
+  with pytest.raises(ValueError, match="num_beams=4"):
+    decoder_only.CausalLMModel(module).predict(params, None, {"encoder_input_tokens": prompts},
+                                               max_decode_len=5, num_beams=4)
+
+
+def test_builtin_runs_train_evaluate_and_leave_the_base_weights_untouched(tmp_path):
+  """builtin_llama.gin trains the downstream; builtin_hyperllama.gin trains HyperLlama over it
+  with downstream adaptation: the base weights stay bit for bit, the hypernetwork's change."""
+  from test_gin_runs import TINY  # pylint: disable=g-import-not-at-top
+  from hypertune import param_sources  # pylint: disable=g-import-not-at-top
+  from tasks import builtin, common  # pylint: disable=g-import-not-at-top
+  builtin.register_builtin_suite(k=2)
+  task = common.mixture_tasks("builtin_heldout_label_words")[0].split(".", 1)[1]
+  tiny = TINY + ["builtin.register_builtin_suite.k = 2", "NUM_GIST_TOKENS = 2",
+                 "TASK_FEATURE_LENGTHS = {'hyper_inputs': 48, 'inputs': 16, 'targets': 8}"]
+  base_dir = str(tmp_path / "llama")
+  out = gin_training.train([RUNS[0]], tiny + [
+      f"MODEL_DIR = '{base_dir}'", f"EVAL_MIXTURE_OR_TASK_NAME = 'builtin_zeroshot.{task}'"])
+  assert np.all(np.isfinite(out["losses"])) and "accuracy" in out["eval"]["average"]
+  base = param_sources.load_run_params(base_dir)["downstream"]
+  for rank in (2,):  # with downstream adaptation (rank 0 is the other tests' default)
+    hyper_dir = str(tmp_path / f"hyperllama{rank}")
+    out = gin_training.train([RUNS[1]], tiny + [
+        f"MODEL_DIR = '{hyper_dir}'", f"INITIAL_CHECKPOINT_PATH = '{base_dir}'",
+        f"DOWNSTREAM_LORA_RANK = {rank}", f"EVAL_MIXTURE_OR_TASK_NAME = 'builtin.{task}'"])
+    assert np.all(np.isfinite(out["losses"])) and "exact_match" in out["eval"]["average"]
+    trained = param_sources.load_run_params(hyper_dir)
+    jax.tree.map(np.testing.assert_array_equal, trained["downstream"], base)
+    assert ("downstream_lora" in trained["hypernet"]) == bool(rank)
+    assert np.any(np.asarray(trained["hypernet"]["hyper_lora"]["q_up"]) != 0)
+    assert os.path.exists(os.path.join(hyper_dir, "model-info.txt"))
