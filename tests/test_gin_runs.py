@@ -7,6 +7,7 @@ import re
 
 import gin
 import gin_training
+import jax
 import numpy as np
 import pytest
 
@@ -76,6 +77,27 @@ def hf_t5_dir(tmp_path_factory):
                                       str(tmp_path_factory.mktemp("hf_t5")))
 
 
+@pytest.fixture(scope="module")
+def hf_llama_dir(tmp_path_factory):
+  """A Hugging Face Llama directory (random tiny weights) with the T5 vocabulary's 32,128 ids."""
+  from flax.core import meta  # pylint: disable=g-import-not-at-top
+  from hypertune.models import hf_llama, llama  # pylint: disable=g-import-not-at-top
+  cfg = llama.llama_config("tiny", **TINY_LLAMA_CONFIG)
+  tokens = jax.numpy.ones((1, 4), jax.numpy.int32)
+  mask = llama.causal_mask(tokens > 0)
+  params = meta.unbox(jax.jit(lambda: llama.Llama(cfg).init(
+      jax.random.key(0), tokens, jax.numpy.zeros_like(tokens), mask))()["params"])
+  directory = str(tmp_path_factory.mktemp("hf_llama"))
+  hf_llama.save_hf_llama(directory, cfg, params)
+  return directory
+
+
+# Llama with the T5 SentencePiece vocabulary of ../shared/data (pad 0, EOS 1, no BOS: 0).
+TINY_LLAMA_CONFIG = dict(vocab_size=32128, bos_id=0, eos_id=1)
+TINY_LLAMA = ["llama.llama_config.size = 'tiny'", "NUM_GIST_TOKENS = 2"] + [
+    f"llama.llama_config.{k} = {v}" for k, v in TINY_LLAMA_CONFIG.items()]
+
+
 def _data_bindings(path, shared, tmp):
   """Data macros and tiny registration for the source a run file reads."""
   vocab = f"VOCABULARY_PATH = '{shared}/t5_vocab/spiece.model'"
@@ -102,7 +124,7 @@ PRETRAINING = {"HYPERPRETRAINED_DIR": "experiments/hypert5/hyperpretrain_{kind}.
 
 
 @pytest.fixture(scope="module")
-def pretrained(hf_t5_dir, shared_data, tmp_path_factory):
+def pretrained(hf_t5_dir, hf_llama_dir, shared_data, tmp_path_factory):
   """run file -> (run dir, output) of its tiny run, run once (hyperpretraining, HINT's
   pretraining) and shared by the runs that start from it."""
   runs = {}
@@ -111,23 +133,27 @@ def pretrained(hf_t5_dir, shared_data, tmp_path_factory):
     if path not in runs:
       tmp = tmp_path_factory.mktemp(os.path.basename(path)[:-4])
       runs[path] = str(tmp / "run"), _train(path, _experiment_bindings(
-          path, hf_t5_dir, shared_data, tmp, {}))
+          path, {"t5": hf_t5_dir, "llama": hf_llama_dir}, shared_data, tmp, {}))
     return runs[path]
   return get
 
 
-def _experiment_bindings(path, hf_t5_dir, shared, tmp, starts):
-  """Tiny bindings for a run file; `starts`: {macro: run dir} of the runs it starts from."""
+def _experiment_bindings(path, hf_dirs, shared, tmp, starts):
+  """Tiny bindings for a run file; `hf_dirs`: {"t5"|"llama": Hugging Face directory};
+  `starts`: {macro: run dir} of the runs it starts from."""
   concat = "fewshot" in path or "t5_mtf.gin" in path and "sni_" in path
-  out = TINY + TINY_T5 + [LENGTHS % (96 if concat else 32), f"MODEL_DIR = '{tmp}/run'"]
+  family = "llama" if "hyperllama" in path else "t5"
+  out = TINY + (TINY_LLAMA if family == "llama" else TINY_T5) + [
+      LENGTHS % (96 if concat else 32), f"MODEL_DIR = '{tmp}/run'"]
   if "INITIAL_CHECKPOINT_PATH = %gin.REQUIRED" in open(os.path.join(GIN_DIR, path)).read():
-    out.append(f"INITIAL_CHECKPOINT_PATH = '{hf_t5_dir}'")
+    out.append(f"INITIAL_CHECKPOINT_PATH = '{hf_dirs[family]}'")
   out += [f"{macro} = '{d}'" for macro, d in starts.items()]
   return out + _data_bindings(path, shared, tmp)
 
 
 @pytest.mark.parametrize("path", [p for p in RUN_HERE if p.startswith("experiments/")])
-def test_experiment_runs_end_to_end(path, hf_t5_dir, shared_data, pretrained, tmp_path):
+def test_experiment_runs_end_to_end(path, hf_t5_dir, hf_llama_dir, shared_data, pretrained,
+                                   tmp_path):
   name = os.path.basename(path)
   if name.startswith(("hyperpretrain_", "hint_pretrain")):
     _, out = pretrained(path)
@@ -136,7 +162,8 @@ def test_experiment_runs_end_to_end(path, hf_t5_dir, shared_data, pretrained, tm
     kind = "lora" if "lora" in name else "prefix"
     starts = {macro: pretrained(run_file.format(kind=kind))[0]
               for macro, run_file in PRETRAINING.items() if f"{macro} = %gin.REQUIRED" in text}
-    out = _train(path, _experiment_bindings(path, hf_t5_dir, shared_data, tmp_path, starts))
+    out = _train(path, _experiment_bindings(path, {"t5": hf_t5_dir, "llama": hf_llama_dir},
+                                            shared_data, tmp_path, starts))
     average = out["eval"]["average"]
     metric = "accuracy" if name.startswith("p3_") else "rougeL"
     assert 0.0 <= average[metric] <= 100.0, average
