@@ -21,11 +21,14 @@ import numpy as np
 import optax
 from flax.core import meta
 
+from hypertune import quantized_adam
+
 __all__ = [
     "constant",
     "linear_warmup_decay",
     "adafactor",
     "adamw",
+    "adamw_8bit",
     "param_paths",
     "trainable_mask",
     "make_optimizer",
@@ -121,6 +124,36 @@ def adamw(
     return optax.inject_hyperparams(lambda learning_rate: optax.adamw(learning_rate, **kwargs))(
         learning_rate=_as_schedule(learning_rate)
     )
+
+
+@gin.configurable
+def adamw_8bit(
+    learning_rate: LearningRate = 1e-4,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    block_size: int = 256,
+    min_quantized_size: int = 4096,
+) -> optax.GradientTransformation:
+    """:func:`adamw` with block-wise 8-bit moments (Dettmers et al. 2022), about a quarter of
+    AdamW's optimizer-state memory; parameters and updates stay float32.
+
+    Each moment is stored as 8-bit dynamic-map codes plus one float32 absmax per
+    ``block_size`` elements; parameters of fewer than ``min_quantized_size`` elements keep
+    float32 moments, as bitsandbytes does (see :mod:`hypertune.quantized_adam`).  In gin::
+
+        train.optimizer = @optimizers.adamw_8bit()
+        optimizers.adamw_8bit.learning_rate = @optimizers.linear_warmup_decay()
+    """
+    def make(learning_rate):
+        return optax.chain(
+            quantized_adam.scale_by_adam_8bit(b1, b2, eps, block_size, min_quantized_size),
+            optax.add_decayed_weights(weight_decay),
+            optax.scale_by_learning_rate(learning_rate),
+        )
+
+    return optax.inject_hyperparams(make)(learning_rate=_as_schedule(learning_rate))
 
 
 # --------------------------------------------------------------------------------------
