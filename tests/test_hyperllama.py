@@ -169,3 +169,17 @@ def test_builtin_runs_train_evaluate_and_leave_the_base_weights_untouched(tmp_pa
     assert ("downstream_lora" in trained["hypernet"]) == bool(rank)
     assert np.any(np.asarray(trained["hypernet"]["hyper_lora"]["q_up"]) != 0)
     assert os.path.exists(os.path.join(hyper_dir, "model-info.txt"))
+  # Deployment: infer writes the gist prefix and its offset once, then applies them.
+  import json  # pylint: disable=g-import-not-at-top
+  from hypertune import infer  # pylint: disable=g-import-not-at-top
+  demos, queries, peft_dir = tmp_path / "demos.json", tmp_path / "queries.txt", tmp_path / "task"
+  demos.write_text(json.dumps({"demonstrations": [{"input": "ab", "target": "X"},
+                                                  {"input": "cd", "target": "Y"}]}))
+  queries.write_text("ab\ncd\n")
+  infer.main([f"--gin.MODEL_DIR='{hyper_dir}'", f"--gin.infer.demonstrations_file='{demos}'",
+              f"--gin.infer.peft_dir='{peft_dir}'", f"--gin.infer.inputs_file='{queries}'"])
+  meta = json.loads((peft_dir / "peft.json").read_text())
+  assert meta["tensors"]["prefixes/decoder_self/key"] == [1, 2, 2, 2, 16]  # layers, G, kv heads
+  assert meta["tensors"]["position_offset"] == [1]
+  lines = (peft_dir / "predictions.jsonl").read_text().splitlines()
+  assert [json.loads(line)["input"] for line in lines] == ["ab", "cd"]
