@@ -118,9 +118,10 @@ class BaseModel(abc.ABC):
     raise NotImplementedError(f"{type(self).__name__} cannot read Hugging Face checkpoints")
 
 
-@gin.configurable
-class EncoderDecoderModel(BaseModel):
-  """A T5 downstream with an optional hypernetwork (`hypertune.models.hypermodel.HyperModel`)."""
+class HyperModuleModel(BaseModel):
+  """A model around a flax module that reads the batch features, adapted by its optional
+  `hypernet` through its `generate_peft` (`hypermodel.HyperModel`,
+  `decoder_only.HyperCausalLM`)."""
 
   def __init__(self, module: nn.Module = gin.REQUIRED):
     self.module = module
@@ -132,6 +133,22 @@ class EncoderDecoderModel(BaseModel):
   @property
   def has_hypernet(self) -> bool:
     return self.module.hypernet is not None
+
+  def logits(self, params, method_state, batch, rng, deterministic: bool = False):
+    return self.module.apply({"params": params, **method_state}, **self.model_inputs(batch),
+                             deterministic=deterministic, rngs={"dropout": rng},
+                             mutable=["losses", "method_state"])
+
+  def task_parameters(self, params, method_state, hyper_tokens) -> Optional[TaskParams]:
+    if not self.has_hypernet:
+      return None
+    return self.module.apply({"params": params, **(method_state or {})}, hyper_tokens,
+                             method=type(self.module).generate_peft)
+
+
+@gin.configurable
+class EncoderDecoderModel(HyperModuleModel):
+  """A T5 downstream with an optional hypernetwork (`hypertune.models.hypermodel.HyperModel`)."""
 
   def _downstream(self):
     from hypertune.models.t5 import T5  # pylint: disable=g-import-not-at-top

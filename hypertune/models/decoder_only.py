@@ -126,30 +126,8 @@ def greedy_decode(model: Llama, params, encoder_input_tokens, peft: Optional[Pef
 
 
 @gin.configurable
-class CausalLMModel(base.BaseModel):
+class CausalLMModel(base.HyperModuleModel):
   """A Llama downstream with an optional hypernetwork (`HyperCausalLM`)."""
-
-  def __init__(self, module: nn.Module = gin.REQUIRED):
-    self.module = module
-
-  @property
-  def config(self) -> LlamaConfig:
-    return self.module.config
-
-  @property
-  def has_hypernet(self) -> bool:
-    return self.module.hypernet is not None
-
-  def logits(self, params, method_state, batch, rng, deterministic: bool = False):
-    return self.module.apply({"params": params, **method_state}, **self.model_inputs(batch),
-                             deterministic=deterministic, rngs={"dropout": rng},
-                             mutable=["losses", "method_state"])
-
-  def task_parameters(self, params, method_state, hyper_tokens) -> Optional[PeftParams]:
-    if not self.has_hypernet:
-      return None
-    return self.module.apply({"params": params, **(method_state or {})}, hyper_tokens,
-                             method=HyperCausalLM.generate_peft)
 
   def score(self, params, task_params, batch) -> jax.Array:
     logits = Llama(self.config).apply(
