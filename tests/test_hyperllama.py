@@ -183,3 +183,19 @@ def test_builtin_runs_train_evaluate_and_leave_the_base_weights_untouched(tmp_pa
   assert meta["tensors"]["position_offset"] == [1]
   lines = (peft_dir / "predictions.jsonl").read_text().splitlines()
   assert [json.loads(line)["input"] for line in lines] == ["ab", "cd"]
+
+
+def test_remat_and_unrolled_layers_compute_the_same_logits(model_and_params):
+  _, params = model_and_params
+  tokens, mask = llama_lib.prompt(CFG, _right_pad(QUERIES, 4))
+  args = (tokens, llama_lib.positions_of(mask), llama_lib.causal_mask(mask))
+  reference = _downstream(params, llama_lib.Llama.__call__, *args)
+  remat = llama_lib.Llama(CFG.replace(remat=True)).apply({"params": params["downstream"]},
+                                                         *args)
+  np.testing.assert_allclose(remat, reference, atol=1e-6)
+  unrolled = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i],
+                                          params["downstream"]["decoder"]["layers"])
+              for i in range(CFG.num_layers)}
+  unrolled_params = {**params["downstream"], "decoder": unrolled}
+  out = llama_lib.Llama(CFG.replace(scan_layers=False)).apply({"params": unrolled_params}, *args)
+  np.testing.assert_allclose(out, reference, atol=1e-5)
