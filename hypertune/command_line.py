@@ -197,9 +197,11 @@ USAGE = {
          "--gin.evaluate_checkpoint.num_beams=4")),
     "infer": (
         "python -m hypertune.infer --gin.MODEL_DIR=RUN --gin.infer.peft_dir=DIR "
-        "[--gin.infer.demonstrations_file=F] [--gin.infer.inputs_file=F]",
+        "[--gin.infer.demonstrations_file=F] [--gin.infer.inputs_file=F] "
+        "[--gin.infer.hf_peft_dir=D]",
         "Write a task's PEFT parameters from its demonstrations (JSON: instruction, "
-        "demonstrations), or apply written ones to new inputs (one per line).",
+        "demonstrations), or apply written ones to new inputs (one per line); a generated "
+        "LoRA also as a Hugging Face PEFT adapter (hf_peft_dir, docs/peft_export.md).",
         ("python -m hypertune.infer --gin.MODEL_DIR=\"'/runs/sni_hypert5_prefix'\" "
          "--gin.infer.demonstrations_file=\"'demos.json'\" --gin.infer.peft_dir=\"'/runs/task'\"",
          "python -m hypertune.infer --gin.MODEL_DIR=\"'/runs/sni_hypert5_prefix'\" "

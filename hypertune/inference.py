@@ -14,6 +14,11 @@ The files: `peft.safetensors` holds the tensors with batch size 1, named like
 `prefixes/encoder_self/key` `[1, layers, prefix_len, heads, head_dim]` or
 `lora/encoder_self/q/down` `[1, layers, rank, d_model]`; `peft.json` holds the format name, the
 LoRA scales, every tensor's shape, the run and step they came from.
+
+With `--gin.infer.hf_peft_dir="'/runs/task_hf'"` (T5 runs whose generated PEFT is LoRA only)
+the demonstrations step also writes a Hugging Face PEFT adapter there (`adapter_config.json` +
+`adapter_model.safetensors`, `hypertune.peft_export`; `infer.hf_base_model` is recorded as its
+`base_model_name_or_path`). See docs/peft_export.md.
 """
 import json
 import os
@@ -23,9 +28,10 @@ import gin
 import jax.numpy as jnp
 import numpy as np
 
+from hypertune import peft_export
 from hypertune.evaluation import detokenize
 from hypertune.models import peft as peft_lib
-from hypertune.models.base import BaseModel
+from hypertune.models.base import BaseModel, EncoderDecoderModel
 
 
 def _read_demonstrations(path: str):
@@ -49,13 +55,21 @@ def infer(model: BaseModel, params, step: int, model_dir: str,
           task_feature_lengths: Mapping[str, int], mixture_or_task_name: str,
           method_state=None,
           peft_dir: str = gin.REQUIRED, demonstrations_file: Optional[str] = None,
-          inputs_file: Optional[str] = None, max_decode_len: Optional[int] = None):
-  """Generate PEFT parameters from `demonstrations_file` into `peft_dir` (if given), then decode
-  each line of `inputs_file` with the parameters in `peft_dir` (if given)."""
+          inputs_file: Optional[str] = None, max_decode_len: Optional[int] = None,
+          hf_peft_dir: Optional[str] = None, hf_base_model: str = ""):
+  """Generate PEFT parameters from `demonstrations_file` into `peft_dir` (if given; and their
+  LoRA as a Hugging Face PEFT adapter into `hf_peft_dir`, if given), then decode each line of
+  `inputs_file` with the parameters in `peft_dir` (if given)."""
   import seqio  # pylint: disable=g-import-not-at-top
   from hypertune.data import formatting  # pylint: disable=g-import-not-at-top
   if not model.has_hypernet:
     raise ValueError(f"{model_dir}: this run has no hypernetwork; nothing to generate")
+  if hf_peft_dir and not demonstrations_file:
+    raise ValueError("infer.hf_peft_dir needs infer.demonstrations_file (it exports what they "
+                     "generate)")
+  if hf_peft_dir and not isinstance(model, EncoderDecoderModel):
+    raise ValueError(f"infer.hf_peft_dir: the Hugging Face PEFT export supports T5 runs; "
+                     f"{model_dir} has a {type(model).__name__}")
   vocab = seqio.get_mixture_or_task(mixture_or_task_name).output_features["inputs"].vocabulary
   if demonstrations_file:
     instruction, demos = _read_demonstrations(demonstrations_file)
@@ -70,6 +84,9 @@ def infer(model: BaseModel, params, step: int, model_dir: str,
                                    "demonstrations_used": kept,
                                    "demonstrations_given": len(demos)})
     print(f"wrote PEFT parameters from {kept}/{len(demos)} demonstrations to {peft_dir}")
+    if hf_peft_dir:
+      peft_export.export_lora_to_hf_peft(peft, hf_peft_dir, base_model_name_or_path=hf_base_model)
+      print(f"wrote the Hugging Face PEFT adapter to {hf_peft_dir}")
   if inputs_file:
     peft, _ = peft_lib.load(peft_dir)
     with open(inputs_file) as f:

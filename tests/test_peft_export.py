@@ -1,0 +1,186 @@
+"""`hypertune.peft_export`: generated LoRA -> a Hugging Face PEFT adapter that `peft` loads onto
+transformers' T5 with the same logits as hypertune's T5."""
+import json
+
+import numpy as np
+import pytest
+
+from hf_reference import save_hf_t5_like, torch, transformers
+import jax
+import jax.numpy as jnp
+
+from hypertune import peft_export
+from hypertune.models import hf_convert
+from hypertune.models.config import t5_config
+from hypertune.models.peft import LoRA, PeftParams, Prefix
+from hypertune.models.t5 import T5
+
+peft = pytest.importorskip("peft")
+
+ENC = np.array([[5, 6, 7, 8, 9, 10, 1], [11, 12, 13, 1, 0, 0, 0]])
+DEC = np.array([[0, 3, 4, 5, 6], [0, 7, 8, 1, 0]])
+# (kind/projection, scale): q and v of every attention kind, plus o and k (in != out here).
+TARGETS = {"encoder_self/q": 0.5, "encoder_self/v": 2.0, "encoder_self/o": 1.0,
+           "decoder_self/q": 1.5, "decoder_self/v": 1.0,
+           "decoder_cross/q": 1.0, "decoder_cross/k": 0.7, "decoder_cross/v": 3.0}
+RANK = 2
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  """(HF directory, hypertune config, params): a T5 with 3 encoder and 2 decoder layers and
+  heads * d_kv = 32 != d_model = 64."""
+  config = t5_config(size="tiny", vocab_size=96).replace(d_kv=8, num_encoder_layers=3)
+  directory = save_hf_t5_like(config, str(tmp_path_factory.mktemp("hf_t5")))
+  config, params = hf_convert.load_hf_t5(directory)
+  return directory, config, params
+
+
+def random_lora(config, batch=2, rank=RANK, seed=0) -> PeftParams:
+  rng = np.random.default_rng(seed)
+  lora = {}
+  for name, scale in TARGETS.items():
+    kind, proj = name.split("/")
+    layers = config.num_encoder_layers if kind == "encoder_self" else config.num_decoder_layers
+    d_in, d_out = ((config.inner_dim, config.d_model) if proj == "o"
+                   else (config.d_model, config.inner_dim))
+    lora[name] = LoRA(down=0.3 * rng.standard_normal((batch, layers, rank, d_in), np.float32),
+                      up=0.3 * rng.standard_normal((batch, layers, d_out, rank), np.float32),
+                      scale=scale)
+  return PeftParams(lora=lora)
+
+
+def hf_logits(model):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ENC), attention_mask=torch.tensor(ENC != 0),
+                 decoder_input_ids=torch.tensor(DEC)).logits.numpy()
+
+
+def test_exported_lora_matches_peft_from_pretrained(base, tmp_path):
+  directory, config, params = base
+  lora = random_lora(config)
+  ours = np.asarray(jax.jit(T5(config).apply)({"params": params}, ENC, DEC, lora))  # row i: LoRA i
+  out = peft_export.export_lora_to_hf_peft(lora, str(tmp_path / "adapter"),
+                                           base_model_name_or_path=directory, row=1)
+
+  meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  assert (meta["peft_type"], meta["r"], meta["lora_alpha"]) == ("LORA", RANK, RANK)
+  assert len(meta["target_modules"]) == 3 * 3 + 2 * 5  # encoder: 3 layers x 3; decoder: 2 x 5
+  hf = transformers.T5ForConditionalGeneration.from_pretrained(directory).eval()
+  base_logits = hf_logits(hf)
+  model = peft.PeftModel.from_pretrained(hf, out).eval()
+  loaded = {k for k in model.state_dict() if "lora_" in k}
+  assert len(loaded) == 2 * len(meta["target_modules"])
+  assert ("base_model.model.decoder.block.1.layer.1.EncDecAttention.k.lora_B.default.weight"
+          in loaded)
+  ref = hf_logits(model)  # row 1's LoRA applied to both rows
+
+  assert np.abs(ref - base_logits).max() > 1e-1  # the LoRA deltas matter
+  np.testing.assert_allclose(ours[1], ref[1], atol=1e-4, rtol=0)
+  assert np.abs(ours[0] - ref[0]).max() > 1e-2  # row 0 has its own LoRA: `row` was honoured
+
+
+def test_unrepresentable_or_malformed_peft_is_a_one_line_error(base, tmp_path):
+  _, config, _ = base
+  lora = random_lora(config, batch=1)
+  key = jnp.zeros((1, config.num_decoder_layers, 3, config.num_heads, config.d_kv))
+  cases = [
+      (lora.replace(prefixes={"decoder_self": Prefix(key, key)}),
+       r"cannot export prefixes\['decoder_self'\] to Hugging Face PEFT: only LoRA"),
+      (PeftParams(), "have no LoRA"),
+      (PeftParams(lora={"decoder_self/q": LoRA(down=jnp.zeros((1, 2, 2, 64)),
+                                               up=jnp.zeros((1, 2, 32, 3)))}),
+       r"lora\['decoder_self/q'\]: down \(1, 2, 2, 64\) and up \(1, 2, 32, 3\) do not fit"),
+      (PeftParams(lora={"decoder/q": lora.lora["decoder_self/q"]}),
+       r"lora\['decoder/q'\]: expected a key 'KIND/PROJ'"),
+      (PeftParams(lora={**lora.lora, "decoder_self/k": random_lora(config, 1, rank=3).lora[
+          "decoder_cross/k"]}), r"LoRA ranks differ \(\[2, 3\]\)"),
+  ]
+  for bad, message in cases:
+    with pytest.raises(peft_export.PeftExportError, match=message) as error:
+      peft_export.export_lora_to_hf_peft(bad, str(tmp_path / "adapter"))
+    assert "\n" not in str(error.value)
+  with pytest.raises(peft_export.PeftExportError, match="row 1 is out of range .* batch 1"):
+    peft_export.export_lora_to_hf_peft(lora, str(tmp_path / "adapter"), row=1)
+  assert not (tmp_path / "adapter").exists()  # nothing is written before the checks pass
+
+
+def test_peft_prefix_tuning_differs_from_hypertune_prefix_only_by_position_bias(base):
+  """Why prefixes are not exported (docs/peft_export.md): PEFT's T5 prefix tuning drops
+  cross-attention prefixes and gives decoder self-attention prefix positions a relative position
+  bias. Fed PEFT's own prefix, hypertune matches it only once the decoder bias table is zero."""
+  directory, config, params = base
+  apply = jax.jit(T5(config).apply)
+  for zero_bias in (False, True):
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(directory).eval()
+    table = hf.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    ours_params = params
+    if zero_bias:
+      with torch.no_grad():
+        table.zero_()
+      ours_params = {**params, "decoder": {**params["decoder"], "relpos_bias": jax.tree.map(
+          jnp.zeros_like, params["decoder"]["relpos_bias"])}}
+    model = peft.get_peft_model(hf, peft.PrefixTuningConfig(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3, num_layers=config.num_decoder_layers,
+        token_dim=config.inner_dim, num_attention_heads=config.num_heads)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+      embedding = model.prompt_encoder["default"].embedding.weight
+      embedding.copy_(torch.randn_like(embedding))
+      cache = model.get_prompt(batch_size=len(ENC))
+      ref = hf_logits(model)
+    assert cache.cross_attention_cache.get_seq_length() == 0  # cross-attention gets no prefix
+    layers = cache.self_attention_cache.layers  # keys/values [batch, heads, prefix_len, head_dim]
+    key, value = (jnp.asarray(np.stack([getattr(l, a).numpy() for l in layers], 1)).swapaxes(2, 3)
+                  for a in ("keys", "values"))
+    prefix = PeftParams(prefixes={"decoder_self": Prefix(key, value)})
+    gap = np.abs(np.asarray(apply({"params": ours_params}, ENC, DEC, prefix)) - ref).max()
+    if zero_bias:
+      assert gap < 1e-4
+    else:
+      assert gap > 1e-2
+
+
+def test_infer_writes_the_hf_peft_adapter_beside_the_hypertune_files(base, tmp_path):
+  """`--gin.infer.hf_peft_dir`: the generated LoRA also lands as a PEFT adapter folder."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from hypertune import inference  # pylint: disable=g-import-not-at-top
+  from hypertune.models.base import EncoderDecoderModel  # pylint: disable=g-import-not-at-top
+  _, config, _ = base
+  name = "peft_export_test_bytes"
+  if name not in seqio.TaskRegistry.names():
+    source = seqio.FunctionDataSource(lambda split, shuffle_files: None, ["train"])
+    seqio.TaskRegistry.add(name, source=source,
+                           output_features={"inputs": seqio.Feature(seqio.ByteVocabulary())})
+
+  class LoraRun(EncoderDecoderModel):  # the generated PEFT of a HyperT5-LoRA run, without one
+    def __init__(self, generated):  # pylint: disable=super-init-not-called
+      self.generated = generated
+    has_hypernet = True
+
+    def task_parameters(self, params, method_state, hyper_tokens):
+      assert hyper_tokens.shape == (1, 32)
+      return self.generated
+
+  demos = tmp_path / "demos.json"
+  demos.write_text(json.dumps({"demonstrations": [{"input": "apple", "target": "yes"}]}))
+  lora = random_lora(config, batch=1)
+  kwargs = dict(params={}, step=3, model_dir="/runs/r", mixture_or_task_name=name,
+                task_feature_lengths={"hyper_inputs": 32}, peft_dir=str(tmp_path / "peft"),
+                demonstrations_file=str(demos), hf_peft_dir=str(tmp_path / "hf"),
+                hf_base_model="/models/t5")
+  inference.infer(LoraRun(lora), **kwargs)
+  assert (tmp_path / "peft" / "peft.safetensors").exists()
+  meta = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+  assert meta["base_model_name_or_path"] == "/models/t5" and meta["r"] == RANK
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(  # scale 3.0 folded into lora_B
+      load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))[
+          "base_model.model.decoder.block.1.layer.1.EncDecAttention.v.lora_B.weight"],
+      3.0 * np.asarray(lora.lora["decoder_cross/v"].up[0, 1]), rtol=1e-6)
+  with pytest.raises(peft_export.PeftExportError, match=r"prefixes\['encoder_self'\]"):
+    key = jnp.zeros((1, config.num_encoder_layers, 2, config.num_heads, config.d_kv))
+    inference.infer(LoraRun(lora.replace(prefixes={"encoder_self": Prefix(key, key)})),
+                    **kwargs)
+  with pytest.raises(ValueError, match="hf_peft_dir needs infer.demonstrations_file"):
+    inference.infer(LoraRun(lora), **{**kwargs, "demonstrations_file": None})
