@@ -84,10 +84,10 @@ PLOT_LABELS = {
 # stages took 50-165 s and evaluations 45-100 s, about 3/4 of a training stage). The ETA is the
 # run's own seconds per unit so far times the units left (stage 1, the cheapest per step, makes
 # the first of these low); before any stage has finished, PRIOR_SECONDS_PER_STEP: the default
-# run's 13 minutes on 2 cores over its 3,500 steps + 3 * 400 + 3 * 300 units.
+# run's 9:47 on 2 cores over its 1,700 steps + 3 * 400 + 3 * 300 units.
 TRAIN_OVERHEAD_STEPS = 400
 EVAL_STEPS = 300
-PRIOR_SECONDS_PER_STEP = 0.14
+PRIOR_SECONDS_PER_STEP = 0.15
 
 
 def _step_of(path: str) -> int:

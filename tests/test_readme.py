@@ -8,7 +8,8 @@ import shlex
 
 import gin
 
-from test_gin_runs import TINY, TINY_T5, _data_bindings, hf_t5_dir  # noqa: F401  pylint: disable=unused-import
+from test_gin_runs import (TINY, TINY_LLAMA, TINY_T5, _data_bindings,  # noqa: F401  pylint: disable=unused-import
+                           hf_llama_dir, hf_t5_dir)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,14 +28,15 @@ def test_readme_shows_the_recipe():
   assert binaries.count("hypertune.infer") == 2
 
 
-def _placeholders(hf_dir, shared, tmp):
+def _placeholders(hf_dir, hf_llama, shared, tmp):
   corpus = tmp / "corpus.jsonl"
   corpus.write_text("\n".join(json.dumps({"text": f"Document {i}. " + "Running text. " * 40})
                               for i in range(6)))
   (tmp / "demos.json").write_text(json.dumps({"instruction": "Copy the input.", "demonstrations": [
       {"input": "a cat", "target": "a cat"}, {"input": "a dog", "target": "a dog"}]}))
   (tmp / "queries.txt").write_text("a bird\na fish\n")
-  return {"/models/t5-large-lm-adapt": hf_dir, "/models/t5-xl-lm-adapt": hf_dir,
+  return {"/models/llama-2-7b/tokenizer.model": f"{shared}/t5_vocab/spiece.model",
+          "/models/llama-2-7b": hf_llama, "/models/t5-large-lm-adapt": hf_dir, "/models/t5-xl-lm-adapt": hf_dir,
           "/models/spiece.model":
           f"{shared}/t5_vocab/spiece.model", "/data/sni": f"{shared}/sni",
           "/data/p3": f"{shared}/p3", "/data/corpus.jsonl": str(corpus), "/runs/": f"{tmp}/",
@@ -44,7 +46,7 @@ def _placeholders(hf_dir, shared, tmp):
 def _tiny_flags(command, shared, tmp):
   """Tiny-size flags for a training command (the run file's data source, cut small)."""
   run_file = re.search(r"--gin_file=(\S+)", command).group(1)
-  bindings = TINY + TINY_T5 + [
+  bindings = TINY + (TINY_LLAMA if "hyperllama" in run_file else TINY_T5) + [
       "TASK_FEATURE_LENGTHS = {'hyper_inputs': 64, 'inputs': 32, 'targets': 16}"]
   bindings += [b for b in _data_bindings(run_file, shared, tmp)
                if not b.startswith(("VOCABULARY_PATH", "SNI_DATA_DIR", "P3_DATA_DIR",
@@ -66,8 +68,8 @@ def _run_binary(name, argv):
     gin.clear_config()
 
 
-def test_readme_commands_run_as_written(hf_t5_dir, shared_data, tmp_path):
-  replace = _placeholders(hf_t5_dir, shared_data, tmp_path)
+def test_readme_commands_run_as_written(hf_t5_dir, hf_llama_dir, shared_data, tmp_path):
+  replace = _placeholders(hf_t5_dir, hf_llama_dir, shared_data, tmp_path)
   for command in readme_commands():
     for old, new in replace.items():
       command = command.replace(old, new)
