@@ -58,9 +58,9 @@ def test_downstream_checkpoint_starts_stage_one_only():
 
 def test_stage_lines_show_elapsed_time_and_an_eta_for_the_whole_run():
   weights = [100, 300, 100]
-  # Nothing finished: the prior, 0.14 s per unit of 500.
+  # Nothing finished: the prior, 0.15 s per unit of 500.
   assert quickstart.stage_line(1, weights, "zero-shot T5", 0.0) == (
-      "stage 1/3: zero-shot T5 — elapsed 0:00, ETA for the whole run 1:10 (prior estimate)")
+      "stage 1/3: zero-shot T5 — elapsed 0:00, ETA for the whole run 1:15 (prior estimate)")
   # The run's own pace, weighted by the stages' steps: 50 s for 100 units, 400 left.
   assert quickstart.stage_line(2, weights, "HyperT5-Prefix", 50.0) == (
       "stage 2/3: HyperT5-Prefix — elapsed 0:50, ETA for the whole run 3:20")
