@@ -154,17 +154,6 @@ class EncoderDecoderModel(HyperModuleModel):
     from hypertune.models.t5 import T5  # pylint: disable=g-import-not-at-top
     return T5(self.module.config)
 
-  def logits(self, params, method_state, batch, rng, deterministic: bool = False):
-    return self.module.apply({"params": params, **method_state}, **self.model_inputs(batch),
-                             deterministic=deterministic, rngs={"dropout": rng},
-                             mutable=["losses", "method_state"])
-
-  def task_parameters(self, params, method_state, hyper_tokens) -> Optional[TaskParams]:
-    if not self.has_hypernet:
-      return None
-    return self.module.apply({"params": params, **(method_state or {})}, hyper_tokens,
-                             method=type(self.module).generate_peft)
-
   def score(self, params, task_params, batch) -> jax.Array:
     from hypertune.models import decoding  # pylint: disable=g-import-not-at-top
     return decoding.token_log_likelihood(
