@@ -123,7 +123,7 @@ def test_hypernetwork_lora_acts_only_in_the_hypernetwork_pass(model_and_params):
                                 _downstream(tuned, llama_lib.Llama.__call__, *args))
 
 
-def test_greedy_decoding_is_the_argmax_of_teacher_forcing_with_offsets(model_and_params):
+def test_greedy_and_beam_decoding_agree_with_teacher_forcing_with_offsets(model_and_params):
   module, params = model_and_params
   peft = module.apply({"params": params}, _right_pad(DEMOS, 8),
                       method=decoder_only.HyperCausalLM.generate_peft)
@@ -138,9 +138,23 @@ def test_greedy_decoding_is_the_argmax_of_teacher_forcing_with_offsets(model_and
     # Up to and including the first EOS (pads follow it).
     live = jnp.cumsum(jnp.cumsum(out == CFG.eos_id, axis=1), axis=1) <= 1
     np.testing.assert_array_equal(jnp.where(live, jnp.argmax(logits, -1), CFG.pad_id), out)
-  with pytest.raises(ValueError, match="num_beams=4"):
-    decoder_only.CausalLMModel(module).predict(params, None, {"encoder_input_tokens": prompts},
-                                               max_decode_len=5, num_beams=4)
+    # One beam is greedy; with 4, the best beam's score is its teacher-forced log-likelihood
+    # (same prefix, same offsets) over its generated length.
+    one, _ = decoder_only.beam_search(model, params["downstream"], prompts, p, max_decode_len=5,
+                                      num_beams=1)
+    np.testing.assert_array_equal(one[:, 0], out)
+    seqs, scores = decoder_only.beam_search(model, params["downstream"], prompts, p,
+                                            max_decode_len=5, num_beams=4)
+    best = seqs[:, 0]
+    live = jnp.cumsum(jnp.cumsum(best == CFG.eos_id, axis=1), axis=1) <= 1
+    batch = {"encoder_input_tokens": prompts, "decoder_target_tokens": best,
+             "decoder_input_tokens": jnp.concatenate([jnp.zeros((2, 1), jnp.int32), best[:, :-1]],
+                                                     axis=1), "decoder_loss_weights": live}
+    log_likelihood = decoder_only.CausalLMModel(module).score(params, p, batch)
+    np.testing.assert_allclose(scores[:, 0], log_likelihood / jnp.sum(live, axis=1), atol=1e-5)
+    np.testing.assert_array_equal(
+        decoder_only.CausalLMModel(module).predict(params, p, {"encoder_input_tokens": prompts},
+                                                   max_decode_len=5, num_beams=4), best)
 
 
 def test_builtin_runs_train_evaluate_and_leave_the_base_weights_untouched(tmp_path):

@@ -17,7 +17,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from flax.core import meta  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from hypertune.models import hf_llama, llama  # pylint: disable=wrong-import-position
-from hypertune.models.decoder_only import greedy_decode  # pylint: disable=wrong-import-position
+from hypertune.models.decoder_only import beam_search, greedy_decode  # pylint: disable=wrong-import-position
 from hypertune.models.llama import Llama  # pylint: disable=wrong-import-position
 
 PAD, BOS, EOS = 0, 1, 2
@@ -312,3 +312,23 @@ def test_greedy_matches_hf_generate(pair):
   assert any(ended) and not all(ended)  # both an early stop and a full-length row are checked
   np.testing.assert_array_equal(ours, ref)
   assert [_padded_after_eos(row) for row in ours] == ours.tolist()
+
+
+def test_beam_search_matches_hf_generate(pair):
+  name, hf, _, config, params = pair
+  seqs, scores = beam_search(Llama(config), params, jnp.asarray(PROMPTS),
+                             max_decode_len=MAX_DECODE, num_beams=4)
+  with torch.no_grad():
+    ref = hf.generate(input_ids=torch.tensor(TOKENS),
+                      attention_mask=torch.tensor(MASK.astype(np.int64)),
+                      max_new_tokens=MAX_DECODE, num_beams=4, do_sample=False,
+                      pad_token_id=PAD, eos_token_id=EOS, output_scores=True,
+                      return_dict_in_generate=True)
+  best = ref.sequences.numpy()[:, TOKENS.shape[1]:]
+  best = np.pad(best, ((0, 0), (0, MAX_DECODE - best.shape[1])), constant_values=PAD)
+  print(f"{name} beam: ours {np.asarray(seqs[:, 0]).tolist()} hf {best.tolist()}")
+  assert seqs.shape == (len(PROMPTS), 4, MAX_DECODE)
+  # generate fills a finished beam with EOS up to the longest one; ours pads after EOS.
+  np.testing.assert_array_equal(np.asarray(seqs[:, 0]), [_padded_after_eos(r) for r in best])
+  assert [_padded_after_eos(row) for row in np.asarray(seqs[:, 0])] == seqs[:, 0].tolist()
+  np.testing.assert_allclose(np.asarray(scores[:, 0]), ref.sequences_scores.numpy(), atol=1e-4)

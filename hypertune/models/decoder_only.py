@@ -6,8 +6,8 @@ right-aligned so that every row's targets start in the same column. Logits of th
 read at the prompt's last column onwards. With generated `PeftParams` (gist keys/values as a
 prefix, their `position_offset`), row i's positions start at `offset_i`.
 
-Decoding is a `lax.while_loop` over a key/value cache (one compiled program per shape): the
-prompt fills the cache in one call, then one token per step.
+Decoding (greedy, beam search) is a `lax.while_loop` over a key/value cache (one compiled program
+per shape): the prompt fills the cache in one call, then one token per step.
 """
 import functools
 from typing import Optional
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from hypertune.models import base
+from hypertune.models import beam_search as beam_search_lib
 from hypertune.models import llama as llama_lib
 from hypertune.models.llama import Llama, LlamaConfig
 from hypertune.models.peft import PeftParams
@@ -86,30 +87,52 @@ def _empty_cache(model: Llama, batch: int, length: int):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init))
 
 
+def _decoder(model: Llama, params, encoder_input_tokens, peft: Optional[PeftParams],
+             max_decode_len: int):
+  """Runs the prompt once into a cache -> (next-token logits `[batch, vocab]`, cache, prompt
+  length, `runner(beams)`). `runner(beams)(cache, tokens [batch * beams, n], start)` feeds
+  columns `start..start+n-1` -> (logits of the last one, cache); with beams > 1 each example's
+  row is repeated `beams` times (beam search).
+
+  Every column's position and visibility are known ahead: the prompt, then one per step."""
+  cfg = model.config
+  prompt, prompt_mask = llama_lib.prompt(cfg, encoder_input_tokens)
+  batch, prompt_len = prompt.shape
+  key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_decode_len), bool)], axis=1)
+  positions = llama_lib.positions_of(key_mask, _offset(peft, batch))
+  visible = llama_lib.causal_mask(key_mask)  # [batch, 1, total, total]
+
+  def runner(beams: int):
+    pos, vis, row_peft = positions, visible, peft
+    if beams > 1:  # repeated once, outside the decoding loop
+      pos, vis = jnp.repeat(positions, beams, axis=0), jnp.repeat(visible, beams, axis=0)
+      row_peft = peft.repeat(beams) if peft is not None else None
+
+    def run(cache, tokens, start):
+      length = tokens.shape[1]
+      logits, mutated = model.apply(
+          {"params": params, "cache": cache}, tokens,
+          jax.lax.dynamic_slice_in_dim(pos, start, length, axis=1),
+          jax.lax.dynamic_slice_in_dim(vis, start, length, axis=2), row_peft, decode=True,
+          mutable=["cache"])
+      return logits[:, -1], mutated["cache"]
+    return run
+
+  logits, cache = runner(1)(_empty_cache(model, batch, prompt_len + max_decode_len), prompt, 0)
+  return logits, cache, prompt_len, runner
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_len"))
 def greedy_decode(model: Llama, params, encoder_input_tokens, peft: Optional[PeftParams] = None,
                   max_decode_len: int = 64):
   """Argmax continuation of `[BOS ; inputs]`. encoder_input_tokens `[batch, len]` (right-padded)
   -> tokens `[batch, max_decode_len]`, `pad_id` after EOS."""
   cfg = model.config
-  prompt, prompt_mask = llama_lib.prompt(cfg, encoder_input_tokens)
-  batch, prompt_len = prompt.shape
-  total = prompt_len + max_decode_len
-  # Every column's position and visibility are known ahead: the prompt, then one per step.
-  key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_decode_len), bool)], axis=1)
-  positions = llama_lib.positions_of(key_mask, _offset(peft, batch))
-  visible = llama_lib.causal_mask(key_mask)  # [batch, 1, total, total]
-
-  def step(cache, tokens, start, length):
-    logits, mutated = model.apply(
-        {"params": params, "cache": cache}, tokens,
-        jax.lax.dynamic_slice_in_dim(positions, start, length, axis=1),
-        jax.lax.dynamic_slice_in_dim(visible, start, length, axis=2), peft, decode=True,
-        mutable=["cache"])
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), mutated["cache"]
-
-  token, cache = step(_empty_cache(model, batch, total), prompt, 0, prompt_len)
-  out = jnp.full((batch, max_decode_len), cfg.pad_id, jnp.int32).at[:, 0].set(token)
+  logits, cache, prompt_len, runner = _decoder(model, params, encoder_input_tokens, peft,
+                                               max_decode_len)
+  run = runner(1)
+  token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  out = jnp.full((token.shape[0], max_decode_len), cfg.pad_id, jnp.int32).at[:, 0].set(token)
 
   def cond(state):
     i, _, _, _, done = state
@@ -117,12 +140,37 @@ def greedy_decode(model: Llama, params, encoder_input_tokens, peft: Optional[Pef
 
   def body(state):
     i, token, out, cache, done = state
-    token, cache = step(cache, token[:, None], prompt_len + i - 1, 1)
-    token = jnp.where(done, cfg.pad_id, token)
+    logits, cache = run(cache, token[:, None], prompt_len + i - 1)
+    token = jnp.where(done, cfg.pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
     return i + 1, token, out.at[:, i].set(token), cache, done | (token == cfg.eos_id)
 
   state = (jnp.array(1), token, out, cache, token == cfg.eos_id)
   return jax.lax.while_loop(cond, body, state)[2]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_decode_len", "num_beams",
+                                             "length_penalty"))
+def beam_search(model: Llama, params, encoder_input_tokens, peft: Optional[PeftParams] = None,
+                max_decode_len: int = 64, num_beams: int = 4, length_penalty: float = 1.0):
+  """Beam search as Hugging Face's `generate(num_beams=K, max_new_tokens=max_decode_len)` on
+  the left-padded prompt. The prompt runs once per example; its cache is repeated for the K
+  beams. Returns (sequences `[batch, K, max_decode_len]` best first, scores `[batch, K]`)."""
+  cfg = model.config
+  batch = encoder_input_tokens.shape[0]
+  logits, cache, prompt_len, runner = _decoder(model, params, encoder_input_tokens, peft,
+                                               max_decode_len)
+  rows = jnp.repeat(jnp.arange(batch), num_beams)  # beam row -> its example
+  cache = beam_search_lib.gather_cache(cache, rows, cfg.scan_layers)
+  run = runner(num_beams)
+
+  def step(cache, tokens, i):
+    logits, cache = run(cache, tokens[:, None], prompt_len + i)
+    return jax.nn.log_softmax(logits), cache
+
+  return beam_search_lib.beam_search_loop(
+      step, jax.nn.log_softmax(logits)[rows], cache, batch=batch, num_beams=num_beams,
+      max_decode_len=max_decode_len, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
+      length_penalty=length_penalty, scan_layers=cfg.scan_layers)
 
 
 @gin.configurable
@@ -141,12 +189,10 @@ class CausalLMModel(base.HyperModuleModel):
     return jnp.sum(token_ll * weights.astype(jnp.float32), axis=-1)
 
   def predict(self, params, task_params, batch, max_decode_len: int, num_beams: int = 1):
-    if num_beams != 1:
-      raise ValueError(f"CausalLMModel.predict: num_beams={num_beams}; decoder-only models "
-                       "decode greedily (num_beams=1)")
-    return greedy_decode(Llama(self.config), params["downstream"],
-                         batch["encoder_input_tokens"], task_params,
-                         max_decode_len=max_decode_len)
+    args = (Llama(self.config), params["downstream"], batch["encoder_input_tokens"], task_params)
+    if num_beams > 1:
+      return beam_search(*args, max_decode_len=max_decode_len, num_beams=num_beams)[0][:, 0]
+    return greedy_decode(*args, max_decode_len=max_decode_len)
 
   def pretrained_params(self, path: str) -> dict:
     from hypertune.models import hf_llama  # pylint: disable=g-import-not-at-top
