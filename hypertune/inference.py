@@ -8,6 +8,8 @@
         --gin.infer.peft_dir="'/tmp/task_peft'" --gin.infer.inputs_file="'queries.txt'"
 
 `demos.json`: {"instruction": "optional text", "demonstrations": [{"input": ..., "target": ...}]}.
+HyperLlama runs also take `"demonstration_sets": [[{"input": ..., "target": ...}, ...], ...]`
+instead: the gists of the sets are averaged (appendix B of the paper).
 The text is formatted as in training (`<x> instruction <x> input <y> target ...`, whole
 demonstrations dropped to fit the hyper length) and tokenized with the run's vocabulary.
 The files: `peft.safetensors` holds the tensors with batch size 1, named like
@@ -34,19 +36,30 @@ from hypertune.models import peft as peft_lib
 from hypertune.models.base import BaseModel, EncoderDecoderModel
 
 
+def _demonstrations(path: str, demos, field: str):
+  if not isinstance(demos, list) or any(not isinstance(d, dict) or {"input", "target"} - set(d)
+                                        for d in demos):
+    raise ValueError(f"{path}: '{field}' must be a list of {{'input', 'target'}} objects")
+  return [(d["input"], d["target"]) for d in demos]
+
+
 def _read_demonstrations(path: str):
+  """-> (instruction or None, [demonstration set: [(input, target)]])."""
   try:
     with open(path) as f:
       spec = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{path}: cannot read demonstrations JSON ({e})") from None
-  demos = spec.get("demonstrations", [])
-  if not isinstance(demos, list) or any(not isinstance(d, dict) or {"input", "target"} - set(d)
-                                        for d in demos):
-    raise ValueError(f"{path}: 'demonstrations' must be a list of {{'input', 'target'}} objects")
-  if not demos and not spec.get("instruction"):
+  if "demonstration_sets" in spec:
+    sets = spec["demonstration_sets"]
+    if not isinstance(sets, list) or not sets:
+      raise ValueError(f"{path}: 'demonstration_sets' must be a non-empty list of lists")
+    sets = [_demonstrations(path, d, "demonstration_sets[*]") for d in sets]
+  else:
+    sets = [_demonstrations(path, spec.get("demonstrations", []), "demonstrations")]
+  if not any(sets) and not spec.get("instruction"):
     raise ValueError(f"{path}: needs an 'instruction' or at least one demonstration")
-  return spec.get("instruction"), [(d["input"], d["target"]) for d in demos]
+  return spec.get("instruction"), sets
 
 
 @gin.configurable(denylist=["model", "params", "step", "model_dir", "task_feature_lengths",
@@ -72,17 +85,26 @@ def infer(model: BaseModel, params, step: int, model_dir: str,
                      f"{model_dir} has a {type(model).__name__}")
   vocab = seqio.get_mixture_or_task(mixture_or_task_name).output_features["inputs"].vocabulary
   if demonstrations_file:
-    instruction, demos = _read_demonstrations(demonstrations_file)
+    instruction, sets = _read_demonstrations(demonstrations_file)
+    if len(sets) > 1 and not model.averages_demonstration_sets:
+      raise ValueError(f"{demonstrations_file}: 'demonstration_sets' ({len(sets)}) needs a "
+                       f"hypernetwork that averages sets (HyperLlama); {model_dir} has none")
     hyper_len = task_feature_lengths["hyper_inputs"]
-    text, kept = formatting.format_hyper_inputs(
-        instruction, demos, formatting.special_tokens_for(vocab),
-        length_fn=lambda s: len(vocab.encode(s)), max_length=hyper_len - 1)
-    tokens = (list(vocab.encode(text)) + [1])[:hyper_len]
-    tokens = np.array([tokens + [0] * (hyper_len - len(tokens))], np.int32)
+    rows, kept = [], []
+    for demos in sets:
+      text, n = formatting.format_hyper_inputs(
+          instruction, demos, formatting.special_tokens_for(vocab),
+          length_fn=lambda s: len(vocab.encode(s)), max_length=hyper_len - 1)
+      tokens = (list(vocab.encode(text)) + [1])[:hyper_len]
+      rows.append(tokens + [0] * (hyper_len - len(tokens)))
+      kept.append(n)
+    tokens = np.array([rows] if len(sets) > 1 else rows, np.int32)  # [1, (sets,) hyper_len]
     peft = model.task_parameters(params, method_state or {}, jnp.asarray(tokens))
+    kept, demos = sum(kept), [d for s in sets for d in s]
     peft_lib.save(peft_dir, peft, {"model_dir": model_dir, "step": step,
                                    "demonstrations_used": kept,
-                                   "demonstrations_given": len(demos)})
+                                   "demonstrations_given": len(demos),
+                                   "demonstration_sets": len(sets)})
     print(f"wrote PEFT parameters from {kept}/{len(demos)} demonstrations to {peft_dir}")
     if hf_peft_dir:
       peft_export.export_lora_to_hf_peft(peft, hf_peft_dir, base_model_name_or_path=hf_base_model)

@@ -31,7 +31,8 @@ from hypertune.data import fewshot
 from hypertune.data import sni
 from tasks import common
 
-MODE_SUFFIX = {"hyper": "", "concat": "_concat", "none": "_zeroshot"}
+MODE_SUFFIX = {"hyper": "", "hyper_instruct": "_instruct", "concat": "_concat",
+               "none": "_zeroshot"}
 
 
 def variant_name(prefix: str, setting: Optional[str], mode: str) -> str:

@@ -7,8 +7,9 @@
 * ``symbol.<src>`` - training split(s) relabelled per example (fresh mapping each
   example and epoch; demonstrations share it); evaluation splits with eval seed 0;
 * ``symbol_s<j>.<src>`` for j in 1..NUM_EVAL_SEEDS-1 - the other evaluation
-  relabellings; mixture ``symbol_eval`` holds all seeds and ``symbol_train`` (one
-  merged task) the training tasks. Evaluation results add ``symbol_avg.<src>`` (mean and
+  relabellings; mixture ``symbol_eval`` holds all seeds of all sources,
+  ``symbol_seeds.<src>`` those of one source and ``symbol_train`` (one merged task) the
+  training tasks. Evaluation results add ``symbol_avg.<src>`` (mean and
   std over the seeds) and count each source once in the overall average
   (`hypertune.metrics.aggregate_task_metrics`, which relies on these names).
 
@@ -80,8 +81,10 @@ def register_symbol_tuning(
   tokens = formatting.special_tokens_for(vocabulary)
   cfg = fewshot.config_for_lengths(task_feature_lengths, k=k, seed=seed)
   train, evals = {}, {}
+  out = {}
   for src in sources:
     task = common.get_builder(src).task
+    seeds = {}
     for j in range(num_eval_seeds):
       name = f"symbol.{src}" if j == 0 else f"symbol_s{j}.{src}"
       b = symbol_tuning.SymbolTuningBuilder(task, cfg, tokens, common.length_fn_for(vocabulary), j)
@@ -90,8 +93,11 @@ def register_symbol_tuning(
         train[name] = float(task.num_examples("train"))
       n_eval = sum(len(v) for s, v in task.splits.items() if s != "train")
       if n_eval:
-        evals[name] = float(n_eval)
-  out = {}
+        seeds[name] = float(n_eval)
+    if seeds:  # one source under every evaluation seed
+      common.register_mixture(f"symbol_seeds.{src}", seeds)
+      out[f"symbol_seeds.{src}"] = list(seeds)
+      evals.update(seeds)
   if train:  # One pipeline for dozens of tasks (see register_merged_task).
     common.register_merged_task("symbol_train", train, vocabulary, seed=seed)
     out["symbol_train"] = list(train)

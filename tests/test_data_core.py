@@ -263,6 +263,14 @@ def test_builder_modes_share_data():
   assert concat["inputs"] == hyper["hyper_inputs"] + " <x> te0 <y>"
   assert none["hyper_inputs"] == "" and none["inputs"] == "te0"
   assert hyper["targets"] == concat["targets"] == none["targets"]
+  # hyper_instruct: the hypernetwork reads what "hyper" gives it, the downstream reads what
+  # "concat" without demonstrations (Llama + definition) gives it.
+  instruct = next(fewshot.ExampleBuilder(
+      task, fewshot.HyperConfig(k=2, hyper_mode="hyper_instruct"), T).examples("test"))
+  definition = next(fewshot.ExampleBuilder(
+      task, fewshot.HyperConfig(k=2, hyper_mode="concat", demos="none"), T).examples("test"))
+  assert instruct["hyper_inputs"] == hyper["hyper_inputs"]
+  assert instruct["inputs"] == definition["inputs"] == "<x> Copy. <x> te0 <y>"
 
 
 def test_builder_budget_and_truncation_warning(caplog):

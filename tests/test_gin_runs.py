@@ -110,6 +110,10 @@ def _data_bindings(path, shared, tmp):
   if name.startswith("sni_"):
     return [vocab, f"SNI_DATA_DIR = '{shared}/sni'", "sni.register_sni.max_train_instances = 2",
             "sni.register_sni.max_eval_instances = 2"]
+  if name.startswith("symbol_"):  # one held-out task under the 10 label seeds
+    return [vocab, f"METAICL_DATA_DIR = '{shared}/metaicl'",
+            "metaicl.register_metaicl.max_eval_examples = 2", "SYMBOL_TUNING_K = 2",
+            "EVAL_MIXTURE_OR_TASK_NAME = 'symbol_seeds.metaicl_hr_to_lr.glue_rte'"]
   if name.startswith(("hyperpretrain_", "hint_pretrain")):
     corpus = tmp / "corpus.txt"
     corpus.write_text("\n\n".join(f"Document {i}. " + "Some words of running text. " * 30
@@ -165,8 +169,10 @@ def test_experiment_runs_end_to_end(path, hf_t5_dir, hf_llama_dir, shared_data, 
     out = _train(path, _experiment_bindings(path, {"t5": hf_t5_dir, "llama": hf_llama_dir},
                                             shared_data, tmp_path, starts))
     average = out["eval"]["average"]
-    metric = "accuracy" if name.startswith("p3_") else "rougeL"
+    metric = "accuracy" if name.startswith(("p3_", "symbol_")) else "rougeL"
     assert 0.0 <= average[metric] <= 100.0, average
+    if name.startswith("symbol_"):  # averaged over the 10 label seeds
+      assert out["eval"]["symbol_avg.metaicl_hr_to_lr.glue_rte"]["accuracy/num_seeds"] == 10
   assert len(out["losses"]) == 2 and np.all(np.isfinite(out["losses"]))
 
 

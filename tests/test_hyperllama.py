@@ -11,11 +11,13 @@ import pytest
 from hypertune.hypernets.gisting import Gisting
 from hypertune.models import decoder_only
 from hypertune.models import llama as llama_lib
-from hypertune.models.peft import PeftParams
 
 # The HyperLlama run files; this file runs them (tests/test_gin_runs.py skips them).
 RUNS = ["experiments/hyperllama/builtin_llama.gin",
-        "experiments/hyperllama/builtin_hyperllama.gin"]
+        "experiments/hyperllama/builtin_hyperllama.gin",
+        "experiments/hyperllama/builtin_llama_definition.gin",
+        "experiments/hyperllama/builtin_hyperllama_instruct.gin",
+        "experiments/hyperllama/builtin_llama_prefix.gin"]
 G = 3
 CFG = llama_lib.llama_config("tiny", vocab_size=64, bos_id=1, eos_id=2)
 
@@ -197,6 +199,57 @@ def test_builtin_runs_train_evaluate_and_leave_the_base_weights_untouched(tmp_pa
   assert meta["tensors"]["position_offset"] == [1]
   lines = (peft_dir / "predictions.jsonl").read_text().splitlines()
   assert [json.loads(line)["input"] for line in lines] == ["ab", "cd"]
+  # Several demonstration sets: one prefix, their gists averaged.
+  sets = tmp_path / "sets.json"
+  sets.write_text(json.dumps({"demonstration_sets": [
+      [{"input": "ab", "target": "X"}], [{"input": "cd", "target": "Y"}, {"input": "e", "target": "Z"}]]}))
+  infer.main([f"--gin.MODEL_DIR='{hyper_dir}'", f"--gin.infer.demonstrations_file='{sets}'",
+              f"--gin.infer.peft_dir='{tmp_path / 'sets'}'"])
+  meta = json.loads((tmp_path / "sets" / "peft.json").read_text())
+  assert meta["tensors"]["prefixes/decoder_self/key"] == [1, 2, 2, 2, 16]
+  assert meta["demonstration_sets"] == 2 and meta["demonstrations_given"] == 3
+
+
+def test_definition_instruction_and_prefix_tuning_runs(tmp_path):
+  """Llama + definition trains on `<x> definition <x> query <y>`; HyperLlama with the
+  instruction in the downstream input and flat prefix tuning train over it, base untouched."""
+  from test_gin_runs import TINY  # pylint: disable=g-import-not-at-top
+  from hypertune import param_sources  # pylint: disable=g-import-not-at-top
+  from tasks import builtin, common  # pylint: disable=g-import-not-at-top
+  builtin.register_builtin_suite(k=2)
+  task = common.mixture_tasks("builtin_heldout_label_words")[0].split(".", 1)[1]
+  tiny = TINY + ["builtin.register_builtin_suite.k = 2", "NUM_GIST_TOKENS = 2", "PREFIX_LEN = 2",
+                 "TASK_FEATURE_LENGTHS = {'hyper_inputs': 96, 'inputs': 112, 'targets': 8}",
+                 f"EVAL_MIXTURE_OR_TASK_NAME = 'builtin_def_concat.{task}'"]
+  base_dir = str(tmp_path / "definition")
+  out = gin_training.train([RUNS[2]], tiny + [f"MODEL_DIR = '{base_dir}'"])
+  assert np.all(np.isfinite(out["losses"])) and "exact_match" in out["eval"]["average"]
+  base = param_sources.load_run_params(base_dir)["downstream"]
+  for run, task, trained_leaf in (
+      (RUNS[3], f"builtin_def_instruct.{task}", ("hyper_lora", "q_up")),
+      (RUNS[4], f"builtin_zeroshot.{task}", ("prefix_key",))):
+    run_dir = str(tmp_path / os.path.basename(run))
+    out = gin_training.train([run], tiny + [
+        f"MODEL_DIR = '{run_dir}'", f"INITIAL_CHECKPOINT_PATH = '{base_dir}'",
+        f"EVAL_MIXTURE_OR_TASK_NAME = '{task}'"])
+    assert np.all(np.isfinite(out["losses"])) and "exact_match" in out["eval"]["average"]
+    trained = param_sources.load_run_params(run_dir)
+    jax.tree.map(np.testing.assert_array_equal, trained["downstream"], base)
+    leaf = trained["hypernet"]
+    for key in trained_leaf:
+      leaf = leaf[key]
+    assert np.all(np.isfinite(leaf)) and np.any(np.asarray(leaf) != 0)
+
+
+def test_prefix_tuning_pushes_the_input_down_by_its_length():
+  from hypertune.hypernets.prefix_tuning import PrefixTuning  # pylint: disable=g-import-not-at-top
+  module = PrefixTuning(CFG, prefix_len=4)
+  params = module.init(jax.random.key(1), jnp.ones((3, 1), jnp.int32))
+  peft = module.apply(params, jnp.ones((3, 1), jnp.int32))
+  assert peft.prefixes["decoder_self"].key.shape == (3, CFG.num_layers, 4, CFG.num_kv_heads,
+                                                     CFG.head_dim)
+  np.testing.assert_array_equal(peft.position_offset, [4, 4, 4])
+  peft.validate(CFG, 3)
 
 
 def test_remat_and_unrolled_layers_compute_the_same_logits(model_and_params):
@@ -213,3 +266,34 @@ def test_remat_and_unrolled_layers_compute_the_same_logits(model_and_params):
   unrolled_params = {**params["downstream"], "decoder": unrolled}
   out = llama_lib.Llama(CFG.replace(scan_layers=False)).apply({"params": unrolled_params}, *args)
   np.testing.assert_allclose(out, reference, atol=1e-5)
+
+
+def test_gists_of_several_demonstration_sets_are_averaged_at_aligned_positions(model_and_params):
+  """Appendix B: set s of length n_s starts at initial offset max(n) - n_s. The values are
+  those of the set alone (rope is relative), the keys its keys rotated by that offset."""
+  module, params = model_and_params
+  generate = lambda tokens: module.apply({"params": params}, tokens,  # pylint: disable=g-long-lambda
+                                         method=decoder_only.HyperCausalLM.generate_peft)
+  sets = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
+  alone = [generate(_right_pad([s], 8)) for s in sets]
+  averaged = generate(_right_pad(sets, 8)[None])  # [batch 1, sets 3, hyper_len]
+  lengths = np.array([len(s) + 1 for s in sets])  # with BOS
+  np.testing.assert_array_equal(averaged.position_offset, [lengths.max() + G])
+  inv_freq = llama_lib.rope_frequencies(CFG)
+
+  def shifted_keys(p, shift):  # [1, layers, G, kv_heads, hd] rotated by `shift` more positions
+    k = jnp.moveaxis(p.prefixes["decoder_self"].key[0], 0, 1)  # [G, layers, kv_heads, hd]
+    k = llama_lib.apply_rope(k, jnp.full(k.shape[:2], shift), inv_freq)
+    return jnp.moveaxis(k, 1, 0)[None]
+
+  want_keys = np.mean([shifted_keys(p, lengths.max() - n) for p, n in zip(alone, lengths)], 0)
+  want_values = np.mean([p.prefixes["decoder_self"].value for p in alone], axis=0)
+  got = averaged.prefixes["decoder_self"]
+  np.testing.assert_allclose(got.value, want_values, atol=1e-5)
+  np.testing.assert_allclose(got.key, want_keys, atol=1e-5)
+  # Without the alignment (the keys as computed alone) they would differ.
+  assert np.abs(np.mean([p.prefixes["decoder_self"].key for p in alone], 0) - got.key).max() > 1e-3
+  # One set in the sets layout is the plain layout.
+  one = generate(_right_pad(sets[:1], 8)[None])
+  np.testing.assert_allclose(one.prefixes["decoder_self"].key, alone[0].prefixes["decoder_self"].key,
+                             atol=1e-6)

@@ -20,6 +20,9 @@ papers read the *same* data:
   concatenated in front of the query in ``inputs``; hyper_inputs is empty.
 * ``"none"``   - T5-MTF zero-shot (T0-style): inputs is the query alone; hyper_inputs
   is empty.
+* ``"hyper_instruct"`` - as "hyper", and the instruction is also in front of the query in
+  ``inputs``, formatted as "concat" formats it without demonstrations (HyperLlama's
+  "instruction in the downstream input": the downstream reads what Llama + definition reads).
 
 Demonstrations (``demos``):
 
@@ -46,7 +49,7 @@ from hypertune.data import formatting
 
 Demonstration = formatting.Demonstration
 
-HYPER_MODES = ("hyper", "concat", "none")
+HYPER_MODES = ("hyper", "hyper_instruct", "concat", "none")
 DEMO_SOURCES = ("none", "positive", "sampled")
 MAX_K = 16  # the papers use up to 16 demonstrations
 TRAIN_SPLIT = "train"
@@ -317,10 +320,12 @@ class ExampleBuilder:
     # One position is reserved for the EOS that the output feature appends.
     return None if (n is None or self.length_fn is None) else n - 1
 
-  def hyper_text(self, demos: Sequence[Demonstration], query: str = "") -> Tuple[str, int]:
-    """Formatted instruction+demos for the configured mode, within its budget."""
+  def hyper_text(self, demos: Sequence[Demonstration], query: str = "",
+                 into_inputs: Optional[bool] = None) -> Tuple[str, int]:
+    """Formatted instruction+demos within their budget: the hypernetwork's, or (into_inputs;
+    default: mode "concat") what is left of the downstream's after the query."""
     c = self.config
-    if c.hyper_mode == "hyper":
+    if not (c.hyper_mode == "concat" if into_inputs is None else into_inputs):
       budget = self._budget(c.max_hyper_length)
     else:
       # concat: instruction and demos share the downstream budget with the query, which
@@ -343,6 +348,10 @@ class ExampleBuilder:
       hyper, inputs = "", ex.inputs
     elif c.hyper_mode == "hyper":
       hyper, inputs = self.hyper_text(demos)[0], ex.inputs
+    elif c.hyper_mode == "hyper_instruct":
+      hyper = self.hyper_text(demos)[0]
+      inputs = formatting.format_concat_inputs(
+          self.hyper_text([], ex.inputs, into_inputs=True)[0], ex.inputs, self.tokens)
     else:
       text, kept = self.hyper_text(demos, ex.inputs)
       stats.demos_dropped += len(demos) - kept

@@ -55,12 +55,16 @@ class SharedLoRA(nn.Module):
 
 @gin.configurable
 class Gisting(nn.Module):
-  """`hyper_tokens [batch, hyper_len]` -> PeftParams(gist prefix, position offset[, LoRA])."""
+  """`hyper_tokens [batch, hyper_len]` -> PeftParams(gist prefix, position offset[, LoRA]).
+
+  `hyper_tokens [batch, sets, hyper_len]`: several demonstration sets per example; their gists'
+  keys and values are averaged (appendix B)."""
   config: LlamaConfig
   num_gist_tokens: int = 16
   lora_rank: int = 8
   lora_alpha: float = 16.0
   downstream_lora_rank: int = 0  # > 0: the paper's downstream adaptation
+  averages_demonstration_sets = True  # hyper_tokens may be [batch, sets, hyper_len]
 
   @nn.compact
   def __call__(self, hyper_tokens, deterministic: bool = True, downstream=None) -> PeftParams:
@@ -69,20 +73,32 @@ class Gisting(nn.Module):
                        "decoder_only.HyperCausalLM")
     cfg, g = self.config, self.num_gist_tokens
     batch = hyper_tokens.shape[0]
+    sets = hyper_tokens.shape[1] if hyper_tokens.ndim == 3 else 1
+    rows = hyper_tokens.reshape(batch * sets, hyper_tokens.shape[-1])
     gists = self.param("gist_embeddings", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("hyper_tokens", "embed")), (g, cfg.d_model), jnp.float32)
-    tokens, mask = llama_lib.prompt(cfg, hyper_tokens)  # [BOS ; demonstrations], right-aligned
+    tokens, mask = llama_lib.prompt(cfg, rows)  # [BOS ; demonstrations], right-aligned
     embedded = jnp.concatenate([downstream.embed(tokens), jnp.broadcast_to(
-        gists.astype(cfg.compute_dtype), (batch, g, cfg.d_model))], axis=1)
-    key_mask = jnp.concatenate([mask, jnp.ones((batch, g), bool)], axis=1)
-    hyper_lora = SharedLoRA(cfg, self.lora_rank, self.lora_alpha, name="hyper_lora")(batch)
+        gists.astype(cfg.compute_dtype), (batch * sets, g, cfg.d_model))], axis=1)
+    key_mask = jnp.concatenate([mask, jnp.ones((batch * sets, g), bool)], axis=1)
+    # Appendix B: each set starts at an initial offset that ends its gists where the longest
+    # set of its example ends them, so the gists of all sets sit at the same positions.
+    lengths = jnp.sum(mask, axis=1).reshape(batch, sets)
+    end = jnp.max(lengths, axis=1)  # [batch]
+    initial_offset = (end[:, None] - lengths).reshape(-1)
+    hyper_lora = SharedLoRA(cfg, self.lora_rank, self.lora_alpha, name="hyper_lora")(batch * sets)
     _, (keys, values) = downstream.hidden(
-        embedded, llama_lib.positions_of(key_mask), llama_lib.causal_mask(key_mask),
-        PeftParams(lora=hyper_lora), deterministic, kv_last=g)
-    prefix = Prefix(jnp.moveaxis(keys, 0, 1), jnp.moveaxis(values, 0, 1))
+        embedded, llama_lib.positions_of(key_mask, initial_offset),
+        llama_lib.causal_mask(key_mask), PeftParams(lora=hyper_lora), deterministic, kv_last=g)
+
+    def average(x):  # [layers, batch * sets, G, kv_heads, head_dim] -> [batch, layers, G, ...]
+      x = x.reshape((x.shape[0], batch, sets) + x.shape[2:]).mean(axis=2)
+      return jnp.moveaxis(x, 0, 1)
+
+    prefix = Prefix(average(keys), average(values))
     lora = {}
     if self.downstream_lora_rank:
       lora = SharedLoRA(cfg, self.downstream_lora_rank, self.lora_alpha,
                         name="downstream_lora")(batch)
     return PeftParams(prefixes={"decoder_self": prefix}, lora=lora,
-                      position_offset=jnp.sum(mask, axis=1).astype(jnp.int32) + g)
+                      position_offset=end.astype(jnp.int32) + g)

@@ -67,6 +67,12 @@ class BaseModel(abc.ABC):
     """Whether `task_parameters` writes anything (False: a plain downstream model)."""
     return True
 
+  @property
+  def averages_demonstration_sets(self) -> bool:
+    """Whether `task_parameters` also takes hyper_tokens `[batch, sets, hyper_len]` and
+    averages what the sets generate (HyperLlama's gists, appendix B)."""
+    return False
+
   def batch_shapes(self, batch_size: int, task_feature_lengths: Mapping[str, int]
                    ) -> Dict[str, Tuple[int, int]]:
     """Shapes of the features this model reads, for initialisation and sharding."""
@@ -133,6 +139,10 @@ class HyperModuleModel(BaseModel):
   @property
   def has_hypernet(self) -> bool:
     return self.module.hypernet is not None
+
+  @property
+  def averages_demonstration_sets(self) -> bool:
+    return getattr(self.module.hypernet, "averages_demonstration_sets", False)
 
   def logits(self, params, method_state, batch, rng, deterministic: bool = False):
     return self.module.apply({"params": params, **method_state}, **self.model_inputs(batch),
