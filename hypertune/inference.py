@@ -17,10 +17,12 @@ The files: `peft.safetensors` holds the tensors with batch size 1, named like
 `lora/encoder_self/q/down` `[1, layers, rank, d_model]`; `peft.json` holds the format name, the
 LoRA scales, every tensor's shape, the run and step they came from.
 
-With `--gin.infer.hf_peft_dir="'/runs/task_hf'"` (T5 runs whose generated PEFT is LoRA only)
-the demonstrations step also writes a Hugging Face PEFT adapter there (`adapter_config.json` +
-`adapter_model.safetensors`, `hypertune.peft_export`; `infer.hf_base_model` is recorded as its
-`base_model_name_or_path`). See docs/peft_export.md.
+With `--gin.infer.hf_peft_dir="'/runs/task_hf'"` (T5 runs whose generated PEFT is LoRA only;
+Llama runs) the demonstrations step also writes a Hugging Face PEFT adapter there
+(`adapter_config.json` + `adapter_model.safetensors`, `hypertune.peft_export`;
+`infer.hf_base_model` is recorded as its `base_model_name_or_path`). HyperLlama's PEFT also
+holds the gist prefix: `--gin.infer.hf_lora_only=True` exports its downstream LoRA alone
+(`downstream_lora_rank > 0`). See docs/peft_export.md.
 """
 import json
 import os
@@ -69,10 +71,12 @@ def infer(model: BaseModel, params, step: int, model_dir: str,
           method_state=None,
           peft_dir: str = gin.REQUIRED, demonstrations_file: Optional[str] = None,
           inputs_file: Optional[str] = None, max_decode_len: Optional[int] = None,
-          hf_peft_dir: Optional[str] = None, hf_base_model: str = ""):
+          hf_peft_dir: Optional[str] = None, hf_base_model: str = "",
+          hf_lora_only: bool = False):
   """Generate PEFT parameters from `demonstrations_file` into `peft_dir` (if given; and their
-  LoRA as a Hugging Face PEFT adapter into `hf_peft_dir`, if given), then decode each line of
-  `inputs_file` with the parameters in `peft_dir` (if given)."""
+  LoRA as a Hugging Face PEFT adapter into `hf_peft_dir`, if given; `hf_lora_only`: the LoRA
+  even when there is more, e.g. HyperLlama's gists), then decode each line of `inputs_file`
+  with the parameters in `peft_dir` (if given)."""
   import seqio  # pylint: disable=g-import-not-at-top
   from hypertune.data import formatting  # pylint: disable=g-import-not-at-top
   if not model.has_hypernet:
@@ -80,9 +84,12 @@ def infer(model: BaseModel, params, step: int, model_dir: str,
   if hf_peft_dir and not demonstrations_file:
     raise ValueError("infer.hf_peft_dir needs infer.demonstrations_file (it exports what they "
                      "generate)")
-  if hf_peft_dir and not isinstance(model, EncoderDecoderModel):
-    raise ValueError(f"infer.hf_peft_dir: the Hugging Face PEFT export supports T5 runs; "
-                     f"{model_dir} has a {type(model).__name__}")
+  from hypertune.models.decoder_only import CausalLMModel  # pylint: disable=g-import-not-at-top
+  architecture = ("t5" if isinstance(model, EncoderDecoderModel) else
+                  "llama" if isinstance(model, CausalLMModel) else None)
+  if hf_peft_dir and architecture is None:
+    raise ValueError(f"infer.hf_peft_dir: the Hugging Face PEFT export supports T5 and Llama "
+                     f"runs; {model_dir} has a {type(model).__name__}")
   vocab = seqio.get_mixture_or_task(mixture_or_task_name).output_features["inputs"].vocabulary
   if demonstrations_file:
     instruction, sets = _read_demonstrations(demonstrations_file)
@@ -107,7 +114,8 @@ def infer(model: BaseModel, params, step: int, model_dir: str,
                                    "demonstration_sets": len(sets)})
     print(f"wrote PEFT parameters from {kept}/{len(demos)} demonstrations to {peft_dir}")
     if hf_peft_dir:
-      peft_export.export_lora_to_hf_peft(peft, hf_peft_dir, base_model_name_or_path=hf_base_model)
+      peft_export.export_lora_to_hf_peft(peft, hf_peft_dir, base_model_name_or_path=hf_base_model,
+                                         architecture=architecture, lora_only=hf_lora_only)
       print(f"wrote the Hugging Face PEFT adapter to {hf_peft_dir}")
   if inputs_file:
     peft, _ = peft_lib.load(peft_dir)

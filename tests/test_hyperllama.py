@@ -297,3 +297,126 @@ def test_gists_of_several_demonstration_sets_are_averaged_at_aligned_positions(m
   one = generate(_right_pad(sets[:1], 8)[None])
   np.testing.assert_allclose(one.prefixes["decoder_self"].key, alone[0].prefixes["decoder_self"].key,
                              atol=1e-6)
+
+
+def _mlp_lora(rng, batch, up_scale=0.3, scale=0.5, projections=("gate", "up", "down")):
+  """Random "decoder_mlp/P" LoRA of rank 2 (up zero when up_scale is 0)."""
+  from hypertune.models.peft import LoRA  # pylint: disable=g-import-not-at-top
+  dims = {"gate": (CFG.d_model, CFG.d_ff), "up": (CFG.d_model, CFG.d_ff),
+          "down": (CFG.d_ff, CFG.d_model)}
+  out = {}
+  for p in projections:
+    d_in, d_out = dims[p]
+    out[f"decoder_mlp/{p}"] = LoRA(
+        down=jnp.asarray(rng.standard_normal((batch, CFG.num_layers, 2, d_in)), jnp.float32),
+        up=jnp.asarray(up_scale * rng.standard_normal((batch, CFG.num_layers, d_out, 2)),
+                       jnp.float32), scale=scale)
+  return out
+
+
+def test_mlp_lora_zero_is_the_base_nonzero_equals_the_merged_weights_and_shapes_are_checked(
+    model_and_params):
+  from hypertune.models.config import t5_config  # pylint: disable=g-import-not-at-top
+  from hypertune.models.peft import PeftParams, PeftShapeError  # pylint: disable=g-import-not-at-top
+  _, params = model_and_params
+  tokens, mask = llama_lib.prompt(CFG, _right_pad(QUERIES, 4))
+  args = (tokens, llama_lib.positions_of(mask), llama_lib.causal_mask(mask))
+  apply = jax.jit(lambda p, peft: _downstream(p, llama_lib.Llama.__call__, *args, peft))
+  run = lambda p, peft=None: np.asarray(apply(p, peft))
+  base = run(params)
+  rng = np.random.default_rng(0)
+  # Zero up: exactly the base model (the delta is added, not approximated).
+  np.testing.assert_array_equal(run(params, PeftParams(lora=_mlp_lora(rng, 2, up_scale=0.0))),
+                                base)
+  # Non-zero: the base model with `W + scale * (up @ down).T` merged into gate, up and down
+  # (the same LoRA in both rows; a projection whose LoRA were ignored would not match).
+  lora = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], x.shape), _mlp_lora(rng, 2))
+  layers = params["downstream"]["decoder"]["layers"]
+  merged_mlp = {}
+  for p in ("gate", "up", "down"):
+    lo = lora[f"decoder_mlp/{p}"]
+    delta = lo.scale * jnp.einsum("lor,lri->lio", lo.up[0], lo.down[0])  # [layers, in, out]
+    merged_mlp[f"{p}_proj"] = layers["mlp"][f"{p}_proj"] + delta
+  merged = {**params, "downstream": {**params["downstream"], "decoder": {"layers": {
+      **layers, "mlp": merged_mlp}}}}
+  with_lora = run(params, PeftParams(lora=lora))
+  assert np.abs(with_lora - base).max() > 1e-1
+  np.testing.assert_allclose(with_lora, run(merged), atol=1e-5)
+  # Shapes and keys are checked, one line naming the tensor and what was expected.
+  bad_down = lora["decoder_mlp/down"].replace(down=jnp.zeros((2, CFG.num_layers, 2, CFG.d_model)))
+  cases = [
+      ({"decoder_mlp/down": bad_down},
+       r"lora\['decoder_mlp/down'\].down has shape \(2, 2, 2, 64\); expected \(2, 2, 2, 128\)"),
+      ({"decoder_mlp/gate": lora["decoder_mlp/up"].replace(
+          up=jnp.zeros((2, CFG.num_layers, CFG.d_model, 2)))},
+       r"lora\['decoder_mlp/gate'\].up has shape \(2, 2, 64, 2\); expected \(2, 2, 128, 2\) = "
+       r"\[batch, layers, out_features=128, rank\]"),
+      ({"decoder_mlp/wi": lora["decoder_mlp/up"]},
+       r"lora\['decoder_mlp/wi'\]: expected 'decoder_mlp/PROJ' with PROJ in \('gate', 'up', "
+       r"'down'\)"),
+  ]
+  for bad, message in cases:
+    with pytest.raises(PeftShapeError, match=message) as error:
+      PeftParams(lora=bad).validate(CFG, 2)  # what Llama.hidden runs at trace time
+    assert "\n" not in str(error.value)
+  t5 = t5_config(size="tiny")
+  with pytest.raises(PeftShapeError, match=r"MLP LoRA needs a SwiGLU decoder \(Llama\); "
+                                           r"T5Config has none"):
+    PeftParams(lora=_mlp_lora(rng, 1)).validate(t5, 1)
+
+
+def test_gisting_lora_projections_put_lora_on_the_mlp_in_both_passes(model_and_params):
+  projections = ("q", "v", "gate", "up", "down")
+  module = decoder_only.HyperCausalLM(CFG, Gisting(
+      CFG, num_gist_tokens=G, lora_rank=2, downstream_lora_rank=2, lora_projections=projections))
+  hyper, enc, dec = _right_pad(DEMOS, 8), _right_pad(QUERIES, 4), jnp.ones((2, 3), jnp.int32)
+  from flax.core import meta  # pylint: disable=g-import-not-at-top
+  shapes = meta.unbox(jax.eval_shape(module.init, jax.random.key(0), enc, dec, hyper)["params"])
+  # The base weights and gists of the fixture; the LoRAs at their init (random down, zero up),
+  # without compiling `init` (fast on 2 cores).
+  _, base = model_and_params
+  rng = np.random.default_rng(1)
+  lora_init = lambda k, s: jnp.asarray(np.zeros(s.shape) if k.endswith("_up") else
+                                       0.1 * rng.standard_normal(s.shape), jnp.float32)
+  params = {"downstream": base["downstream"], "hypernet": {
+      "gist_embeddings": base["hypernet"]["gist_embeddings"],
+      **{n: {k: lora_init(k, s) for k, s in shapes["hypernet"][n].items()}
+         for n in ("hyper_lora", "downstream_lora")}}}
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, shapes)
+  for name in ("hyper_lora", "downstream_lora"):
+    got = {k: v.shape for k, v in params["hypernet"][name].items()}
+    assert got == {"q_down": (2, 2, 64), "q_up": (2, 64, 2), "v_down": (2, 2, 64),
+                   "v_up": (2, 32, 2), "mlp_gate_down": (2, 2, 64), "mlp_gate_up": (2, 128, 2),
+                   "mlp_up_down": (2, 2, 64), "mlp_up_up": (2, 128, 2),
+                   "mlp_down_down": (2, 2, 128), "mlp_down_up": (2, 64, 2)}, name
+  gen = jax.jit(lambda p: module.apply({"params": p}, hyper,
+                                       method=decoder_only.HyperCausalLM.generate_peft))
+  peft = gen(params)
+  assert sorted(peft.lora) == ["decoder_mlp/down", "decoder_mlp/gate", "decoder_mlp/up",
+                               "decoder_self/q", "decoder_self/v"]
+  q_tokens, q_mask = llama_lib.prompt(CFG, enc)
+  downstream = jax.jit(lambda p, peft: _downstream(  # the downstream pass given the gists
+      p, llama_lib.Llama.__call__, q_tokens, llama_lib.positions_of(q_mask, peft.position_offset),
+      llama_lib.causal_mask(q_mask), peft))
+
+  def bump(p, which, name):  # a trained (non-zero) up of one MLP projection
+    lora = dict(p["hypernet"][which])
+    lora[name] = lora[name] + 0.5
+    return {**p, "hypernet": {**p["hypernet"], which: lora}}
+
+  # The hypernetwork's MLP LoRA changes the gists; the downstream's the downstream pass only.
+  hyper_tuned = bump(params, "hyper_lora", "mlp_down_up")
+  assert np.abs(gen(hyper_tuned).prefixes["decoder_self"].key
+                - peft.prefixes["decoder_self"].key).max() > 1e-3
+  down_tuned = bump(params, "downstream_lora", "mlp_gate_up")
+  peft_tuned = gen(down_tuned)
+  np.testing.assert_array_equal(peft_tuned.prefixes["decoder_self"].key,
+                                peft.prefixes["decoder_self"].key)
+  np.testing.assert_array_equal(peft_tuned.lora["decoder_mlp/gate"].up,
+                                peft.lora["decoder_mlp/gate"].up + 0.5)
+  assert np.abs(downstream(params, peft_tuned) - downstream(params, peft)).max() > 1e-3
+  bad = decoder_only.HyperCausalLM(CFG, Gisting(CFG, num_gist_tokens=G, lora_rank=2,
+                                                lora_projections=("q", "wi")))
+  with pytest.raises(ValueError, match=r"SharedLoRA.projections=\('q', 'wi'\): expected distinct "
+                                       r"names from \('q', 'k', 'v', 'o', 'gate', 'up', 'down'\)"):
+    jax.eval_shape(bad.init, jax.random.key(0), enc, dec, hyper)

@@ -19,12 +19,14 @@ import jax.numpy as jnp
 
 from hypertune.models import llama as llama_lib
 from hypertune.models.llama import LlamaConfig
-from hypertune.models.peft import LoRA, PeftParams, Prefix
+from hypertune.models.peft import MLP_KIND, LoRA, PeftParams, Prefix
 
 
 class SharedLoRA(nn.Module):
-  """One LoRA per layer on the attention projections, broadcast over the batch.
+  """One LoRA per layer on the chosen projections, broadcast over the batch.
 
+  `projections`: attention "q", "k", "v", "o" (PeftParams key "decoder_self/P") and/or the
+  SwiGLU MLP's "gate", "up", "down" ("decoder_mlp/P"; QLoRA tunes all seven).
   down `[layers, rank, in]` (random), up `[layers, out, rank]` (zero: starts as the base model).
   """
   config: LlamaConfig
@@ -36,18 +38,29 @@ class SharedLoRA(nn.Module):
   def __call__(self, batch: int) -> Dict[str, LoRA]:
     cfg = self.config
     kv = cfg.num_kv_heads * cfg.head_dim
-    dims = {"q": (cfg.d_model, cfg.inner_dim), "k": (cfg.d_model, kv), "v": (cfg.d_model, kv),
-            "o": (cfg.inner_dim, cfg.d_model)}
+    # projection -> (PeftParams key, parameter name prefix, d_in, d_out, logical axes of in/out)
+    attn = lambda p, d_in, d_out: (f"decoder_self/{p}", p, d_in, d_out, "embed", "embed")
+    mlp = lambda p, d_in, d_out, ax_in, ax_out: (f"{MLP_KIND}/{p}", f"mlp_{p}", d_in, d_out,
+                                                 ax_in, ax_out)
+    specs = {"q": attn("q", cfg.d_model, cfg.inner_dim), "k": attn("k", cfg.d_model, kv),
+             "v": attn("v", cfg.d_model, kv), "o": attn("o", cfg.inner_dim, cfg.d_model),
+             "gate": mlp("gate", cfg.d_model, cfg.d_ff, "embed", "mlp"),
+             "up": mlp("up", cfg.d_model, cfg.d_ff, "embed", "mlp"),
+             "down": mlp("down", cfg.d_ff, cfg.d_model, "mlp", "embed")}
+    unknown = [p for p in self.projections if p not in specs]
+    if unknown or len(set(self.projections)) != len(self.projections) or not self.projections:
+      raise ValueError(f"SharedLoRA.projections={tuple(self.projections)!r}: expected distinct "
+                       f"names from {tuple(specs)}")
     out = {}
     for proj in self.projections:
-      d_in, d_out = dims[proj]
-      down = self.param(f"{proj}_down", nn.with_logical_partitioning(
-          nn.initializers.normal(d_in**-0.5), ("layers", "lora_rank", "embed")),
+      key, pname, d_in, d_out, ax_in, ax_out = specs[proj]
+      down = self.param(f"{pname}_down", nn.with_logical_partitioning(
+          nn.initializers.normal(d_in**-0.5), ("layers", "lora_rank", ax_in)),
           (cfg.num_layers, self.rank, d_in), jnp.float32)
-      up = self.param(f"{proj}_up", nn.with_logical_partitioning(
-          nn.initializers.zeros, ("layers", "embed", "lora_rank")),
+      up = self.param(f"{pname}_up", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("layers", ax_out, "lora_rank")),
           (cfg.num_layers, d_out, self.rank), jnp.float32)
-      out[f"decoder_self/{proj}"] = LoRA(
+      out[key] = LoRA(
           down=jnp.broadcast_to(down, (batch,) + down.shape),
           up=jnp.broadcast_to(up, (batch,) + up.shape), scale=self.alpha / self.rank)
     return out
@@ -64,6 +77,8 @@ class Gisting(nn.Module):
   lora_rank: int = 8
   lora_alpha: float = 16.0
   downstream_lora_rank: int = 0  # > 0: the paper's downstream adaptation
+  # Projections of both LoRAs (SharedLoRA.projections); add "gate", "up", "down" for the MLP.
+  lora_projections: Sequence[str] = ("q", "k", "v", "o")
   averages_demonstration_sets = True  # hyper_tokens may be [batch, sets, hyper_len]
 
   @nn.compact
@@ -86,7 +101,8 @@ class Gisting(nn.Module):
     lengths = jnp.sum(mask, axis=1).reshape(batch, sets)
     end = jnp.max(lengths, axis=1)  # [batch]
     initial_offset = (end[:, None] - lengths).reshape(-1)
-    hyper_lora = SharedLoRA(cfg, self.lora_rank, self.lora_alpha, name="hyper_lora")(batch * sets)
+    hyper_lora = SharedLoRA(cfg, self.lora_rank, self.lora_alpha, tuple(self.lora_projections),
+                            name="hyper_lora")(batch * sets)
     _, (keys, values) = downstream.hidden(
         embedded, llama_lib.positions_of(key_mask, initial_offset),
         llama_lib.causal_mask(key_mask), PeftParams(lora=hyper_lora), deterministic, kv_last=g)
@@ -99,6 +115,6 @@ class Gisting(nn.Module):
     lora = {}
     if self.downstream_lora_rank:
       lora = SharedLoRA(cfg, self.downstream_lora_rank, self.lora_alpha,
-                        name="downstream_lora")(batch)
+                        tuple(self.lora_projections), name="downstream_lora")(batch)
     return PeftParams(prefixes={"decoder_self": prefix}, lora=lora,
                       position_offset=end.astype(jnp.int32) + g)

@@ -8,7 +8,7 @@ leading `layers` axis) unless `config.scan_layers=False`.
 Per example (`hypertune.models.peft.PeftParams`, attention kind "decoder_self"):
   - prefixes `[batch, layers, prefix_len, kv_heads, head_dim]`: keys (already rotated, as a
     KV cache holds them) and values prepended to every layer's attention, always visible;
-  - LoRA on q, k, v, o;
+  - LoRA on q, k, v, o, and optionally on the MLP's gate, up, down (kind "decoder_mlp");
   - `position_offset` `[batch]`: row i's first token sits at position `offset_i` (the gist
     count plus what came before, or the prefix length), a different offset in every row.
 
@@ -85,6 +85,10 @@ class LlamaConfig:
   @property
   def inner_dim(self) -> int:
     return self.num_heads * self.head_dim
+
+  @property
+  def supports_mlp_lora(self) -> bool:  # PeftParams.validate: "decoder_mlp/*" keys apply
+    return True
 
   def replace(self, **changes) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)
@@ -236,19 +240,29 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+  """SwiGLU: `down(silu(gate(x)) * up(x))`, each projection with its optional LoRA
+  (`lora` {"gate"|"up"|"down": LoRA}, PeftParams key "decoder_mlp/...")."""
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, lora=None):
     cfg = self.config
     dt = cfg.compute_dtype
+    lora = lora or {}
     init = nn.initializers.normal(0.02)
     gate = param_with_axes(self, "gate_proj", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
     up = param_with_axes(self, "up_proj", init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
     down = param_with_axes(self, "down_proj", init, (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
-    hidden = jax.nn.silu(dot("btd,df->btf", x, gate, dt)) * dot("btd,df->btf", x, up, dt)
-    return dot("btf,fd->btd", hidden, down, dt)
+
+    def project(h, w, name, spec):
+      y = dot(spec, h, w, dt)
+      if name in lora:
+        y = y + _lora_delta(h, lora[name], dt).astype(dt)
+      return y
+
+    hidden = (jax.nn.silu(project(x, gate, "gate", "btd,df->btf"))
+              * project(x, up, "up", "btd,df->btf"))
+    return project(hidden, down, "down", "btf,fd->btd")
 
 
 class LlamaLayer(nn.Module):
@@ -265,7 +279,7 @@ class LlamaLayer(nn.Module):
         decode=decode, deterministic=deterministic)
     x = x + h
     h = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="post_attention_layernorm")(x)
-    x = x + MLP(cfg, name="mlp")(h)
+    x = x + MLP(cfg, name="mlp")(h, peft.lora_for(peft_lib.MLP_KIND))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, ((k[:, -kv_last:], v[:, -kv_last:]) if kv_last else None)
 

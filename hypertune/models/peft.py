@@ -9,6 +9,8 @@ Attention kinds (keys of `prefixes`, and the first half of `lora` keys):
   "decoder_self"  - decoder self-attention
   "decoder_cross" - decoder cross-attention (queries from the decoder, keys/values from the encoder)
 Projections (second half of `lora` keys): "q", "k", "v", "o".
+MLP LoRA (Llama's SwiGLU only): keys "decoder_mlp/gate", "decoder_mlp/up", "decoder_mlp/down"
+(gate/up: d_model -> d_ff, down: d_ff -> d_model), part of the "decoder" stack.
 Stacks (keys of `adapters`): "encoder", "decoder".
 
 Shapes as stored (with the `layers` axis):
@@ -33,6 +35,8 @@ import jax.numpy as jnp
 
 ATTENTION_KINDS = ("encoder_self", "decoder_self", "decoder_cross")
 PROJECTIONS = ("q", "k", "v", "o")
+MLP_KIND = "decoder_mlp"  # LoRA on the feed-forward block of a SwiGLU decoder (Llama)
+MLP_PROJECTIONS = ("gate", "up", "down")
 STACKS = ("encoder", "decoder")
 
 Array = jax.Array
@@ -88,7 +92,8 @@ class PeftParams:
     Returned leaves are [layers, batch, ...] so that `nn.scan` slices one layer per step;
     `extra_memory` is not per layer and is dropped here (the model consumes it directly).
     """
-    kinds = ("encoder_self",) if stack == "encoder" else ("decoder_self", "decoder_cross")
+    kinds = (("encoder_self",) if stack == "encoder" else
+             ("decoder_self", "decoder_cross", MLP_KIND))
     layers_first = lambda x: jnp.moveaxis(x, 1, 0)
     return PeftParams(
         prefixes={k: jax.tree.map(layers_first, v) for k, v in self.prefixes.items()
@@ -104,7 +109,7 @@ class PeftParams:
     return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), self)
 
   def lora_for(self, kind: str) -> dict:
-    """{"q": LoRA, ...} for one attention kind."""
+    """{"q": LoRA, ...} for one attention kind; {"gate": LoRA, ...} for MLP_KIND."""
     return {k.split("/")[1]: v for k, v in self.lora.items() if k.split("/")[0] == kind}
 
   @property
@@ -121,7 +126,8 @@ class PeftParams:
     layers = {"encoder": config.num_encoder_layers, "decoder": config.num_decoder_layers}
     # Grouped-query attention (Llama): prefixes and k/v projections have the key/value heads.
     kv_heads = getattr(config, "num_kv_heads", config.num_heads)
-    stack_of = {"encoder_self": "encoder", "decoder_self": "decoder", "decoder_cross": "decoder"}
+    stack_of = {"encoder_self": "encoder", "decoder_self": "decoder", "decoder_cross": "decoder",
+                MLP_KIND: "decoder"}
 
     def check(name, x, expected, axes):
       if tuple(x.shape) != tuple(expected):
@@ -141,12 +147,24 @@ class PeftParams:
 
     for name, lora in self.lora.items():
       kind, _, proj = name.partition("/")
-      if kind not in ATTENTION_KINDS or proj not in PROJECTIONS:
+      if kind == MLP_KIND:
+        if proj not in MLP_PROJECTIONS:
+          raise PeftShapeError(f"PEFT lora[{name!r}]: expected '{MLP_KIND}/PROJ' with PROJ in "
+                               f"{MLP_PROJECTIONS}")
+        # Only a model that reads these keys may get them (T5 would silently ignore them).
+        if not getattr(config, "supports_mlp_lora", False):
+          raise PeftShapeError(f"PEFT lora[{name!r}]: MLP LoRA needs a SwiGLU decoder (Llama); "
+                               f"{type(config).__name__} has none")
+        d_in, d_out = ((config.d_ff, config.d_model) if proj == "down" else
+                       (config.d_model, config.d_ff))
+      elif kind not in ATTENTION_KINDS or proj not in PROJECTIONS:
         raise PeftShapeError(f"PEFT lora[{name!r}]: expected a key 'KIND/PROJ' with KIND in "
-                             f"{ATTENTION_KINDS} and PROJ in {PROJECTIONS}")
-      d_in, d_out = ((config.inner_dim, config.d_model) if proj == "o" else
-                     (config.d_model, kv_heads * config.d_kv) if proj in ("k", "v") else
-                     (config.d_model, config.inner_dim))
+                             f"{ATTENTION_KINDS} and PROJ in {PROJECTIONS}, or "
+                             f"'{MLP_KIND}/PROJ' with PROJ in {MLP_PROJECTIONS}")
+      else:
+        d_in, d_out = ((config.inner_dim, config.d_model) if proj == "o" else
+                       (config.d_model, kv_heads * config.d_kv) if proj in ("k", "v") else
+                       (config.d_model, config.inner_dim))
       rank = lora.down.shape[2] if lora.down.ndim == 4 else -1
       n = layers[stack_of[kind]]
       check(f"lora[{name!r}].down", lora.down, (batch_size, n, rank, d_in),
