@@ -15,6 +15,7 @@ setuptools.setup(
         "jaxlib>=0.10,<0.11",
         "flax>=0.12,<0.13",
         "optax>=0.2",
+        "qwix>=0.1.8",  # quantised frozen weights (hypertune.models.quantization)
         "orbax-checkpoint>=0.11",
         "seqio>=0.0.19",
         "tensorflow-datasets>=4.9",

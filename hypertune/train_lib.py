@@ -10,7 +10,7 @@ the model sows into the `losses` collection. A method may keep state between ste
 leaves are per example (leading `batch` axis), so microbatches split it with the batch.
 """
 import functools
-from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -19,6 +19,7 @@ import optax
 from flax.core import meta
 
 from hypertune import optimizers, partitioning
+from hypertune.models import quantization
 from hypertune.models.base import BaseModel
 
 
@@ -31,11 +32,12 @@ class TrainState:
 
 
 def _loss_and_metrics(model: BaseModel, params, method_state, batch, rng, total_weight,
-                      num_microbatches: int, trainable=None):
+                      num_microbatches: int, trainable=None, quantized=None):
   if trainable is not None:
     # Frozen parameters get no weight gradients at all (XLA drops those matmuls); activations
     # still carry gradients through them to the trainable parts.
     params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+  params = quantization.merge(params, quantized)
   return model.loss(params, method_state, batch, rng, total_weight, num_microbatches)
 
 
@@ -45,18 +47,22 @@ def train_step(model: BaseModel, tx: optax.GradientTransformation, state: TrainS
   """One optimizer update on `batch` (split into `num_microbatches` for gradient accumulation).
 
   `trainable`: optional pytree of Python bools like `params` (False = frozen: no gradient is
-  computed for it, and its gradient counts as zero).
+  computed for it, and its gradient counts as zero). Frozen weights stored quantised
+  (`quantization.QuantizedWeight`) are constants of the step: the gradient and the optimizer
+  see an empty float placeholder at their paths.
 
   Returns the new state and metrics: loss, cross_entropy, accuracy, aux losses, num_tokens,
   grad_norm.
   """
   rng = jax.random.fold_in(rng, state.step)
   total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
-  grad_fn = jax.value_and_grad(functools.partial(_loss_and_metrics, trainable=trainable),
+  params, quantized = quantization.split(state.params)
+  grad_fn = jax.value_and_grad(functools.partial(_loss_and_metrics, trainable=trainable,
+                                                 quantized=quantized),
                                argnums=1, has_aux=True)
 
   if num_microbatches == 1:
-    (loss, (metrics, method_state)), grads = grad_fn(model, state.params, state.method_state,
+    (loss, (metrics, method_state)), grads = grad_fn(model, params, state.method_state,
                                                      batch, rng, total_weight, 1)
   else:
     batch_size = batch["decoder_target_tokens"].shape[0]
@@ -71,16 +77,16 @@ def train_step(model: BaseModel, tx: optax.GradientTransformation, state: TrainS
     def accumulate(carry, xs):
       grads, loss, metrics = carry
       mb, mb_state, i = xs
-      (l, (m, new_mb_state)), g = grad_fn(model, state.params, mb_state, mb,
+      (l, (m, new_mb_state)), g = grad_fn(model, params, mb_state, mb,
                                           jax.random.fold_in(rng, i), total_weight,
                                           num_microbatches)
       return (jax.tree.map(jnp.add, grads, g), loss + l,
               jax.tree.map(jnp.add, metrics, m)), new_mb_state or mb_state
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
     first = jax.tree.map(lambda x: x[0], (micro, micro_state))
     metric_shapes = jax.eval_shape(
-        lambda: grad_fn(model, state.params, first[1], first[0], rng, total_weight,
+        lambda: grad_fn(model, params, first[1], first[0], rng, total_weight,
                         num_microbatches)[0][1][0])
     init = (zeros, jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                                metric_shapes))
@@ -88,8 +94,8 @@ def train_step(model: BaseModel, tx: optax.GradientTransformation, state: TrainS
         accumulate, init, (micro, micro_state, jnp.arange(num_microbatches)))
     method_state = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), micro_state)
 
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, state.opt_state, params)
+  params = quantization.merge(optax.apply_updates(params, updates), quantized)
   metrics = dict(metrics, loss=loss, num_tokens=total_weight, grad_norm=optax.global_norm(grads))
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          method_state=method_state or state.method_state)
@@ -101,13 +107,19 @@ class PartitionedTrainer:
 
   One code path for one CPU, a multi-GPU host or a TPU pod: parameters, optimizer state and
   batches get `NamedSharding`s from logical axis rules; `jax.jit` does the rest.
+
+  `frozen_weights_dtype` ("int8", "int4", "nf4"; None: float32): the state stores the frozen
+  matmul weights quantised (`hypertune.models.quantization`), sharded as the weights they
+  replace; `param_shardings` and `abstract_params` stay those of the float parameters.
   """
 
   def __init__(self, model: BaseModel, tx: optax.GradientTransformation, mesh,
                rules, batch_shapes: Mapping[str, Tuple[int, ...]], num_microbatches: int = 1,
-               trainable_patterns: Sequence[str] = (".*",), frozen_patterns: Sequence[str] = ()):
+               trainable_patterns: Sequence[str] = (".*",), frozen_patterns: Sequence[str] = (),
+               frozen_weights_dtype: Optional[str] = None):
     self.model, self.tx, self.mesh, self.rules = model, tx, mesh, rules
     self.num_microbatches = num_microbatches
+    self.frozen_weights_dtype = quantization.check_dtype(frozen_weights_dtype)
     with partitioning.axis_rules_and_mesh(mesh, rules):
       boxed = jax.eval_shape(lambda: model.init_variables(jax.random.key(0), batch_shapes))
     self.abstract_params = meta.unbox(boxed["params"])
@@ -121,7 +133,8 @@ class PartitionedTrainer:
     method_state = meta.unbox({k: v for k, v in boxed.items() if k == "method_state"})
     self._abstract_method_state = method_state
     self.state_shardings = TrainState(
-        step=replicated, params=self.param_shardings,
+        step=replicated, params=quantization.quantized_shardings(
+            self.param_shardings, self.abstract_params, self.trainable, frozen_weights_dtype),
         opt_state=partitioning.opt_state_shardings(abstract_opt, self.abstract_params,
                                                    self.param_shardings),
         method_state=jax.tree.map(lambda _: replicated, method_state))
@@ -136,10 +149,13 @@ class PartitionedTrainer:
       return jax.jit(init, out_shardings=self.param_shardings)(rng)
 
   def create_state(self, params, step: int = 0) -> TrainState:
-    """A train state around `params` (placed onto the mesh), with a fresh optimizer state."""
+    """A train state around float `params` (placed onto the mesh, the frozen matmul weights
+    quantised if `frozen_weights_dtype`), with a fresh optimizer state."""
     params = jax.device_put(params, self.param_shardings)
     with partitioning.axis_rules_and_mesh(self.mesh, self.rules):
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+    params = quantization.quantize_frozen(params, self.trainable, self.frozen_weights_dtype,
+                                          self.state_shardings.params)
     method_state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                 self._abstract_method_state)
     return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state,

@@ -72,10 +72,11 @@ def initial_state(trainer: train_lib.PartitionedTrainer, model: BaseModel, model
   report_parameters(model_dir, params, trainer.trainable, optimizers.parameter_table(
       params, trainable_patterns, frozen_patterns, restored_from=restored if sources else None,
       copied_from=copied), [path for path, _ in sources], restored, copied)
-  state = trainer.create_state(params)
-  param_sources.save_frozen(model_dir, param_sources.subtree(state.params, trainer.trainable,
+  # frozen_params/ holds float32 even where the state stores them quantised (create_state).
+  params = jax.device_put(params, trainer.param_shardings)
+  param_sources.save_frozen(model_dir, param_sources.subtree(params, trainer.trainable,
                                                              keep=False))
-  return state, 0
+  return trainer.create_state(params), 0
 
 
 def report_parameters(model_dir: str, params, mask, table: str, sources: Sequence[str],
@@ -158,6 +159,7 @@ def train(
     initial_checkpoints: Sequence[Any] = (),
     init_hypernet_from_downstream: bool = False,
     num_microbatches: int = 1,
+    frozen_weights_dtype: Optional[str] = None,
     checkpoint_period: int = 1000,
     keep_checkpoints: int = 3,
     log_every_steps: int = 50,
@@ -179,6 +181,10 @@ def train(
   parameter is restored by the first checkpoint that provides it, e.g.
   `[("/hf/t5-base", [("downstream/.*", None)...]), "/runs/hyperpretrain"]`; the
   `init_hypernet_from_downstream` copies never overwrite a restored parameter.
+
+  `frozen_weights_dtype` ("int8", "int4", "nf4"; None: float32): the frozen matmul weights are
+  kept quantised on the devices, QLoRA-style (`hypertune.models.quantization`); the run's
+  `frozen_params/` stays float32.
 
   With `restored_fn` nothing is trained: the latest checkpoint of `model_dir` is restored and
   `restored_fn(model=, params=, method_state=, step=, model_dir=, task_feature_lengths=,
@@ -212,7 +218,8 @@ def train(
   batch_shapes = model.batch_shapes(batch_size, task_feature_lengths)
   tx = optimizers.make_optimizer(optimizer, trainable_patterns, frozen_patterns, max_grad_norm)
   trainer = train_lib.PartitionedTrainer(model, tx, mesh, rules, batch_shapes, num_microbatches,
-                                         trainable_patterns, frozen_patterns)
+                                         trainable_patterns, frozen_patterns,
+                                         frozen_weights_dtype)
 
   state, start_step = initial_state(trainer, model, model_dir, seed,
       param_sources.initial_checkpoint_list(initial_checkpoint_path, assignment_map,

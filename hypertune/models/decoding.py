@@ -17,11 +17,12 @@ from hypertune.models import beam_search as beam_search_lib
 from hypertune.models.peft import PeftParams
 from hypertune.models.t5 import T5
 
-def _empty_cache(model: T5, batch: int, enc_len: int, max_decode_len: int):
-  """Zero cache shaped by an init call over the full decode length (no compute: eval_shape)."""
+def _empty_cache(model: T5, batch: int, enc_len: int, max_decode_len: int, peft=None):
+  """Zero cache shaped by an init call over the full decode length (no compute: eval_shape).
+  `peft` shapes it too: fusion-in-decoder memory lengthens the cross-attention keys/values."""
   def init():
     return model.init(jax.random.key(0), jnp.ones((batch, enc_len), jnp.int32),
-                      jnp.ones((batch, max_decode_len), jnp.int32), decode=True)["cache"]
+                      jnp.ones((batch, max_decode_len), jnp.int32), peft, decode=True)["cache"]
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init))
 
 
@@ -40,7 +41,7 @@ def greedy_decode(model: T5, params, encoder_input_tokens, peft: Optional[PeftPa
   cfg = model.config
   batch, enc_len = encoder_input_tokens.shape
   encoded = model.apply({"params": params}, encoder_input_tokens, peft, method=T5.encode)
-  cache = _empty_cache(model, batch, enc_len, max_decode_len)
+  cache = _empty_cache(model, batch, enc_len, max_decode_len, peft)
 
   def cond(state):
     i, _, _, _, done = state
@@ -78,7 +79,7 @@ def beam_search(model: T5, params, encoder_input_tokens, peft: Optional[PeftPara
   enc_tokens = jnp.repeat(encoder_input_tokens, k, axis=0)
   peft = peft.repeat(k) if peft is not None else None
   # One slot more than generated: the loop feeds its last token too (and discards the result).
-  cache = _empty_cache(model, batch * k, enc_len, max_decode_len + 1)
+  cache = _empty_cache(model, batch * k, enc_len, max_decode_len + 1, peft)
 
   def step(cache, tokens, i):
     del i  # the cache counts positions

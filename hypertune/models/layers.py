@@ -13,19 +13,31 @@ import jax
 import jax.numpy as jnp
 
 from hypertune.models import peft as peft_lib
+from hypertune.models import quantization
 from hypertune.models.config import T5Config
 
 NEG_INF = -1e10  # added to masked attention logits (finite, so fully masked rows stay finite)
 
 
 def dot(spec: str, x, w, dtype):
-  """einsum with float32 accumulation, result cast to the compute dtype."""
+  """einsum with float32 accumulation, result cast to the compute dtype. A frozen weight stored
+  quantised (`quantization.QuantizedWeight`) is dequantised in the matmul."""
+  if quantization.is_quantized(w):
+    return quantization.dot(spec, x, w, dtype)
   return jnp.einsum(spec, x.astype(dtype), w.astype(dtype),
                     preferred_element_type=jnp.float32).astype(dtype)
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, axes):
-  """A float32 parameter annotated with logical axis names."""
+  """A float32 parameter annotated with logical axis names, or the QuantizedWeight a run stores
+  in its place (for `dot`)."""
+  if module.has_variable("params", name):
+    stored = module.get_variable("params", name)
+    if quantization.is_quantized(stored):  # 4-bit codes are packed: flax's shape check cannot see
+      if stored.shape != tuple(shape):
+        raise ValueError(f"{module.scope.path_text}/{name}: quantised weight of shape "
+                         f"{stored.shape}, expected {tuple(shape)}")
+      return stored
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
@@ -98,9 +110,11 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, bias, mask, prefix: Optional[peft_lib.Prefix] = None,
                lora: Optional[Mapping[str, peft_lib.LoRA]] = None, decode: bool = False,
-               deterministic: bool = True):
+               deterministic: bool = True, fixed_kv: bool = False):
     """inputs_q `[batch, q_len, d_model]`, inputs_kv `[batch, k_len, d_model]`,
     bias `[1|batch, heads, q_len, k_len]` float, mask `[batch, 1, q_len|1, k_len]` bool.
+    `fixed_kv` (cross-attention): inputs_kv is the same at every decoding step, so with `decode`
+    its keys/values are projected at the first step only and then read from the cache.
     Returns `[batch, q_len, d_model]`.
     """
     cfg = self.config
@@ -125,11 +139,17 @@ class Attention(nn.Module):
       return y
 
     q = project(inputs_q, wq, "q")
-    k = project(inputs_kv, wk, "k")
-    v = project(inputs_kv, wv, "v")
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
-    if decode:
+    def project_kv():
+      return project(inputs_kv, wk, "k"), project(inputs_kv, wv, "v")
+
+    if decode and fixed_kv:
+      k, v = self._fixed_kv(project_kv, inputs_kv.shape[:2] + (h, dk), dt)
+    else:
+      k, v = project_kv()
+
+    if decode and not fixed_kv:
       is_init = self.is_initializing() or not self.has_variable("cache", "cached_key")
       cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
       cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
@@ -170,6 +190,19 @@ class Attention(nn.Module):
       delta = 0.0
     y = dot("bhqk,hkd->bqd", out, wo, dt) + delta
     return nn.with_logical_constraint(y.astype(dt), ("batch", "length", "embed"))
+
+  def _fixed_kv(self, project_kv, shape, dtype):
+    """Keys/values `shape` projected at the first decoding call, from the cache afterwards
+    (under `lax.cond`, so later steps skip the projection of the whole encoder output)."""
+    is_init = self.is_initializing() or not self.has_variable("cache", "fixed_key")
+    key = self.variable("cache", "fixed_key", jnp.zeros, shape, dtype)
+    value = self.variable("cache", "fixed_value", jnp.zeros, shape, dtype)
+    filled = self.variable("cache", "fixed_filled", lambda: jnp.array(False))
+    if is_init:
+      return project_kv()
+    k, v = jax.lax.cond(filled.value, lambda: (key.value, value.value), project_kv)
+    key.value, value.value, filled.value = k, v, jnp.array(True)
+    return k, v
 
 
 class FeedForward(nn.Module):

@@ -59,7 +59,7 @@ class DecoderLayer(nn.Module):
                 name="pre_cross_attention_layer_norm")(x)
     h = Attention(cfg, name="encoder_decoder_attention")(
         h, encoded, jnp.zeros((1, 1, 1, 1), jnp.float32), encoder_mask, prefix, lora,
-        deterministic=deterministic)
+        decode=decode, deterministic=deterministic, fixed_kv=True)
     x = x + dropout(h, deterministic=deterministic)
     h = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="pre_mlp_layer_norm")(x)
     h = FeedForward(cfg, name="mlp")(h, peft.adapters.get("decoder"), deterministic)
