@@ -29,8 +29,11 @@ Run (from the repository root):
     .venv/bin/python bench/amortisation.py                    # t5-small, n = 1, 10, 100, 1000
     .venv/bin/python bench/amortisation.py --mode predict --n 1,10,100
     .venv/bin/python bench/amortisation.py --quick            # tiny, seconds; a smoke test
+    .venv/bin/python bench/amortisation.py --size base --dtype bfloat16 --peak_flops 989e12
 
-`--xla_flags` is appended to `XLA_FLAGS` before JAX is imported.
+`--xla_flags` is appended to `XLA_FLAGS` before JAX is imported. With `--peak_flops` (the
+device's peak FLOP/s for the compute dtype) each way's model FLOPs utilisation is printed:
+its `flops.amortisation` FLOPs over its median seconds, over the peak.
 """
 import argparse
 import os
@@ -62,6 +65,11 @@ def parse_args(argv=None):
                  help="score: rank classification (teacher-forced); predict: greedy decoding")
   p.add_argument("--repeats", type=int, default=3, help="timed runs per way and n")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="T5Config.dtype (compute dtype; parameters stay float32)")
+  p.add_argument("--peak_flops", type=float, default=0.0,
+                 help="the device's peak FLOP/s (e.g. 989e12: H100 / H200 dense bfloat16); "
+                      "> 0 prints each way's model FLOPs utilisation")
   p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS (set before importing jax)")
   p.add_argument("--quick", action="store_true",
                  help="tiny shapes, n = 1, 2 (one query a call), one repeat: runs in seconds and "
@@ -80,6 +88,8 @@ def parse_args(argv=None):
   for name in ("hyper_len", "inputs_len", "targets_len", "prefix_len", "batch", "repeats"):
     if getattr(args, name) < 1:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+  if args.peak_flops < 0:
+    p.error(f"--peak_flops must be >= 0, got {args.peak_flops}")
   return args
 
 
@@ -179,15 +189,16 @@ def main(argv=None):
   from hypertune import flops
   from hypertune.models.config import t5_config
 
-  config = t5_config(args.size, vocab_size=args.vocab, dropout_rate=0.0)
+  config = t5_config(args.size, vocab_size=args.vocab, dropout_rate=0.0, dtype=args.dtype)
   t, i, o = args.hyper_len, args.inputs_len, args.targets_len
   model = flops.amortisation(config, t, i, o, args.prefix_len, args.num_hyper_decoder_layers,
                              decode=args.mode == "predict")
   print(f"T5 {args.size}: d_model={config.d_model} d_ff={config.d_ff} heads={config.num_heads} "
         f"layers={config.num_encoder_layers}+{config.num_decoder_layers} vocab={config.vocab_size}"
-        f" | {args.mode}: t={t} demonstration, i={i} query, o={o} target tokens | HyperT5-Prefix "
-        f"P={args.prefix_len}, {args.num_hyper_decoder_layers or config.num_decoder_layers} hyper "
-        f"decoder layers | batch {args.batch} | {os.cpu_count()} CPUs", flush=True)
+        f" {config.dtype} | {args.mode}: t={t} demonstration, i={i} query, o={o} target tokens "
+        f"| HyperT5-Prefix P={args.prefix_len}, "
+        f"{args.num_hyper_decoder_layers or config.num_decoder_layers} hyper decoder layers "
+        f"| batch {args.batch} | {os.cpu_count()} CPUs", flush=True)
   ways = Ways(args, config)
   print(f"parameters: downstream {ways.num_params[0] / 1e6:.2f}M "
         f"(flops.t5_num_params {flops.t5_num_params(config) / 1e6:.2f}M), hypernetwork "
@@ -211,9 +222,12 @@ def main(argv=None):
   print(f"{'n':>5s} {'concat s':>9s} {'hyper s':>9s} {'speed-up':>9s} {'min-max':>11s} "
         f"{'predicted':>10s} {'meas/pred':>10s} {'C.1c':>6s} {'concat GFLOP':>13s} "
         f"{'hyper GFLOP':>12s} {'concat GFLOP/s':>15s} {'hyper GFLOP/s':>14s}")
-  ratios = {}
+  ratios, mfu = {}, []
   for n in args.n:
     c, h = (statistics.median(times[(way, n)]) for way in ("concat", "hyper"))
+    if args.peak_flops:
+      mfu.append(f"n={n} concat {100 * model.concat(n) / c / args.peak_flops:.2f}% "
+                 f"hyper {100 * model.hyper(n) / h / args.peak_flops:.2f}%")
     paired = [a / b for a, b in zip(times[("concat", n)], times[("hyper", n)])]
     measured, predicted = statistics.median(paired), model.speedup(n)
     ratios[n] = measured / predicted
@@ -222,6 +236,9 @@ def main(argv=None):
           f"{ratios[n]:10.2f} {flops.hint_speedup(n, i, t, o):5.2f}x {model.concat(n) / 1e9:13.2f} "
           f"{model.hyper(n) / 1e9:12.2f} {model.concat(n) / c / 1e9:15.1f} "
           f"{model.hyper(n) / h / 1e9:14.1f}")
+  if args.peak_flops:
+    print(f"\nMFU (flops.amortisation FLOPs / median s / {args.peak_flops / 1e12:.0f} TFLOP/s "
+          f"peak): " + "; ".join(mfu))
   if args.quick:
     print("\n--quick: tiny shapes; these times measure dispatch, not the FLOPs model.")
   elif TARGET_N in ratios:

@@ -27,8 +27,12 @@ Run (from the repository root):
     .venv/bin/python bench/t5_step.py --repeats 3 --steps 5
     .venv/bin/python bench/t5_step.py --dtype bfloat16 --skip_torch
     .venv/bin/python bench/t5_step.py --no_scan_layers --xla_flags=--xla_cpu_enable_fast_math=true
+    .venv/bin/python bench/t5_step.py --size base --dtype bfloat16 --skip_torch --peak_flops 989e12
 
-`--xla_flags` is appended to `XLA_FLAGS` before JAX is imported.
+`--xla_flags` is appended to `XLA_FLAGS` before JAX is imported. The model FLOPs of a step are
+`3 *` the forward pass's (`flops.query_flops`: backward = twice forward, no recompute counted);
+hypertune's achieved FLOP/s is that over its median step time, and with `--peak_flops` (the
+device's peak FLOP/s for the compute dtype) the model FLOPs utilisation (MFU) is printed.
 """
 import argparse
 import os
@@ -62,7 +66,13 @@ def parse_args(argv=None):
                  help="torch.set_num_threads (default: os.cpu_count())")
   p.add_argument("--skip_torch", action="store_true")
   p.add_argument("--skip_jax", action="store_true")
-  return p.parse_args(argv)
+  p.add_argument("--peak_flops", type=float, default=0.0,
+                 help="the device's peak FLOP/s (e.g. 989e12: H100 / H200 dense bfloat16); "
+                      "> 0 prints hypertune's model FLOPs utilisation")
+  args = p.parse_args(argv)
+  if args.peak_flops < 0:
+    p.error(f"--peak_flops must be >= 0, got {args.peak_flops}")
+  return args
 
 
 def make_batch(args, seed):
@@ -281,6 +291,16 @@ def main(argv=None):
           f"{first_step_s[name]:13.2f} {compile_s}")
   if len(medians) == 2:
     print(f"\nratio hypertune/pytorch: {medians['hypertune'] / medians['pytorch']:.2f}x")
+  if "hypertune" in medians:
+    from hypertune import flops
+    step_flops = 3 * args.batch * flops.query_flops(config, args.inputs_len, args.targets_len)
+    achieved = step_flops * medians["hypertune"] / tokens_per_step
+    line = (f"\nmodel FLOPs: {step_flops / 1e12:.4g} TFLOP a step (3x forward, flops.query_flops);"
+            f" hypertune {achieved / 1e12:.4g} TFLOP/s")
+    if args.peak_flops:
+      line += (f"; MFU {100 * achieved / args.peak_flops:.3g}% of "
+               f"{args.peak_flops / 1e12:.0f} TFLOP/s peak")
+    print(line)
   return 0
 
 

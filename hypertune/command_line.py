@@ -198,10 +198,12 @@ USAGE = {
     "infer": (
         "python -m hypertune.infer --gin.MODEL_DIR=RUN --gin.infer.peft_dir=DIR "
         "[--gin.infer.demonstrations_file=F] [--gin.infer.inputs_file=F] "
-        "[--gin.infer.hf_peft_dir=D]",
+        "[--gin.infer.hf_peft_dir=D] [--gin.infer.hf_lora_only=True]",
         "Write a task's PEFT parameters from its demonstrations (JSON: instruction, "
-        "demonstrations), or apply written ones to new inputs (one per line); a generated "
-        "LoRA also as a Hugging Face PEFT adapter (hf_peft_dir, docs/peft_export.md).",
+        "demonstrations; HyperLlama also demonstration_sets, whose gists are averaged), or "
+        "apply written ones to new inputs (one per line); a generated LoRA also as a Hugging "
+        "Face PEFT adapter (hf_peft_dir; hf_lora_only: a HyperLlama run's downstream LoRA "
+        "without its gists; docs/peft_export.md).",
         ("python -m hypertune.infer --gin.MODEL_DIR=\"'/runs/sni_hypert5_prefix'\" "
          "--gin.infer.demonstrations_file=\"'demos.json'\" --gin.infer.peft_dir=\"'/runs/task'\"",
          "python -m hypertune.infer --gin.MODEL_DIR=\"'/runs/sni_hypert5_prefix'\" "

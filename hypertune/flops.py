@@ -144,7 +144,8 @@ def decoder_flops(config: T5Config, length: int, keys: int, memory_len: int,
       + cross_kv_passes * memory_len * L_dec * 2 (2 d inner)      cross-attention keys, values
       + length * 2 d vocab                                       logits (`logits=True`)
 
-  Greedy decoding projects the encoded memory at every step (`cross_kv_passes` = steps).
+  Decoding projects the encoded memory once, at its first step (the keys/values are cached:
+  `layers.Attention(fixed_kv=True)`), so `cross_kv_passes` is 1 there too.
   """
   d, inner, layers = config.d_model, config.inner_dim, config.num_decoder_layers
   per_token = (2 * (6 * d * inner + _mlp_weights(config)) +
@@ -160,14 +161,14 @@ def query_flops(config: T5Config, inputs_len: int, targets_len: int, prefix_len:
 
   `decode=False`: teacher-forced scoring (`BaseModel.score`). `decode=True`: greedy decoding of
   `targets_len` tokens with a cache of that length (`BaseModel.predict`), one decoder token a
-  step, the encoded inputs projected for cross-attention at every step.
+  step, the encoded inputs projected for cross-attention once.
   """
   for name, v in (("inputs_len", inputs_len), ("targets_len", targets_len),
                   ("prefix_len", prefix_len)):
     _check(name, v)
   enc = encoder_flops(config, inputs_len, prefix_len)
-  dec = decoder_flops(config, targets_len, targets_len, inputs_len, prefix_len,
-                      cross_kv_passes=targets_len if decode else 1)
+  del decode  # the same count: the cross-attention keys/values are projected once either way
+  dec = decoder_flops(config, targets_len, targets_len, inputs_len, prefix_len)
   return enc + dec
 
 
