@@ -45,11 +45,13 @@ def _quickstart_run_files():
 
 
 def _method_test_run_files():
-  """HART's, HINT's and HyperLlama's built-in-suite runs (tests/test_hart_hint.py and
-  tests/test_hyperllama.py train, evaluate and check them)."""
+  """HART's, HINT's and HyperLlama's built-in-suite runs and per-task PEFT tuning's
+  (tests/test_hart_hint.py, tests/test_hyperllama.py and tests/test_peft_tune.py run and
+  check them)."""
   import test_hart_hint  # pylint: disable=g-import-not-at-top
   import test_hyperllama  # pylint: disable=g-import-not-at-top
-  return set(test_hart_hint.RUNS) | set(test_hyperllama.RUNS)
+  import test_peft_tune  # pylint: disable=g-import-not-at-top
+  return set(test_hart_hint.RUNS) | set(test_hyperllama.RUNS) | set(test_peft_tune.RUNS)
 
 
 # Each run file is run once in the suite: here, unless another test already runs it.
