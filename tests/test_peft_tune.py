@@ -3,7 +3,6 @@ what HyperT5 generates from the task's 16 sampled training examples; shared: the
 baseline's parameters; random: neither), tuning changes the PEFT parameters only, and the run
 file runs end to end (JSON and PNG), over tiny runs of the quickstart's files trained here."""
 import json
-import os
 
 import gin
 import gin_training
