@@ -22,7 +22,8 @@ Llama runs) the demonstrations step also writes a Hugging Face PEFT adapter ther
 (`adapter_config.json` + `adapter_model.safetensors`, `hypertune.peft_export`;
 `infer.hf_base_model` is recorded as its `base_model_name_or_path`). HyperLlama's PEFT also
 holds the gist prefix: `--gin.infer.hf_lora_only=True` exports its downstream LoRA alone
-(`downstream_lora_rank > 0`). See docs/peft_export.md.
+(`downstream_lora_rank > 0`); a flat prefix-tuning run's prefix (`builtin_llama_prefix.gin`) is
+written as PEFT's PREFIX_TUNING. See docs/peft_export.md.
 """
 import json
 import os
@@ -113,7 +114,10 @@ def infer(model: BaseModel, params, step: int, model_dir: str,
                                    "demonstrations_given": len(demos),
                                    "demonstration_sets": len(sets)})
     print(f"wrote PEFT parameters from {kept}/{len(demos)} demonstrations to {peft_dir}")
-    if hf_peft_dir:
+    if hf_peft_dir and architecture == "llama" and peft.prefixes and not peft.lora:
+      # A prefix alone: PEFT's PREFIX_TUNING, when the input starts after it (flat prefix tuning).
+      peft_export.export_prefix_to_hf_peft(peft, hf_peft_dir, hf_base_model)
+    elif hf_peft_dir:
       peft_export.export_lora_to_hf_peft(peft, hf_peft_dir, base_model_name_or_path=hf_base_model,
                                          architecture=architecture, lora_only=hf_lora_only)
       print(f"wrote the Hugging Face PEFT adapter to {hf_peft_dir}")

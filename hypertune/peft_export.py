@@ -164,3 +164,53 @@ def export_lora_to_hf_peft(peft: peft_lib.PeftParams, directory: str,
   with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
     json.dump(config, f, indent=2)
   return directory
+
+
+def _llama_prefix(peft: peft_lib.PeftParams, row: int):
+  """Row `row`'s (key, value) `[layers, P, kv_heads, head_dim]`; PeftExportError unless `peft`
+  is one decoder self-attention prefix whose input starts at position P (PEFT's semantics)."""
+  others = [f"prefixes[{k!r}]" for k in peft.prefixes if k != "decoder_self"]
+  others += [f"lora[{k!r}]" for k in peft.lora] + [f"adapters[{k!r}]" for k in peft.adapters]
+  others += ["extra_memory"] if peft.extra_memory is not None else []
+  if others or "decoder_self" not in peft.prefixes:
+    raise PeftExportError(
+        f"cannot export {', '.join(others) or 'PEFT parameters without a decoder_self prefix'} "
+        "as PEFT PREFIX_TUNING: it holds one decoder self-attention prefix alone")
+  prefix = peft.prefixes["decoder_self"]
+  key, value = np.asarray(prefix.key, np.float32), np.asarray(prefix.value, np.float32)
+  if key.ndim != 5 or not 0 <= row < key.shape[0]:
+    raise PeftExportError(f"prefix key {key.shape}: expected [batch, layers, P, kv_heads, "
+                          f"head_dim] with row {row} in range")
+  p = key.shape[2]
+  offset = None if peft.position_offset is None else int(np.asarray(peft.position_offset)[row])
+  if offset != p:
+    raise PeftExportError(
+        f"position_offset {offset} of row {row} != prefix_len {p}: PEFT's prefix tuning starts "
+        "the input at position prefix_len (HyperLlama's gists start it after the "
+        "demonstrations too); only flat prefix tuning (hypernets/prefix_tuning.py) matches")
+  return key[row], value[row]
+
+
+def export_prefix_to_hf_peft(peft: peft_lib.PeftParams, directory: str,
+                             base_model_name_or_path: str = "", row: int = 0) -> str:
+  """Write row `row` of a Llama run's flat prefix (`hypernets.prefix_tuning.PrefixTuning`:
+  prefix `[batch, layers, P, kv_heads, head_dim]`, position offset P) as a PEFT PREFIX_TUNING
+  adapter: `prompt_embeddings` `[P, layers * 2 * kv_heads * head_dim]`, laid out per virtual
+  token as `[layer, key|value, kv_heads, head_dim]` (what PEFT's `get_prompt` reshapes it by).
+  Returns `directory`; PeftExportError (one line) for anything else (see `_llama_prefix`)."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  key, value = _llama_prefix(peft, row)
+  layers, p, kv_heads, head_dim = key.shape
+  embeddings = np.stack([key, value], axis=1)  # [layers, 2, P, kv_heads, head_dim]
+  embeddings = embeddings.transpose(2, 0, 1, 3, 4).reshape(p, -1)
+  config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path or None,
+            "num_virtual_tokens": p, "num_layers": layers, "token_dim": kv_heads * head_dim,
+            "num_attention_heads": kv_heads, "num_transformer_submodules": 1,
+            "prefix_projection": False, "inference_mode": True}
+  os.makedirs(directory, exist_ok=True)
+  save_file({"prompt_embeddings": np.ascontiguousarray(embeddings)},
+            os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+  with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+    json.dump(config, f, indent=2)
+  return directory

@@ -239,6 +239,16 @@ def test_definition_instruction_and_prefix_tuning_runs(tmp_path):
     for key in trained_leaf:
       leaf = leaf[key]
     assert np.all(np.isfinite(leaf)) and np.any(np.asarray(leaf) != 0)
+  # The flat prefix is PEFT's PREFIX_TUNING (tests/test_peft_export.py checks the logits).
+  import json  # pylint: disable=g-import-not-at-top
+  from hypertune import infer  # pylint: disable=g-import-not-at-top
+  spec = tmp_path / "task.json"
+  spec.write_text(json.dumps({"instruction": "Copy the input."}))
+  infer.main([f"--gin.MODEL_DIR='{run_dir}'", f"--gin.infer.demonstrations_file='{spec}'",
+              f"--gin.infer.peft_dir='{tmp_path / 'task'}'",
+              f"--gin.infer.hf_peft_dir='{tmp_path / 'task_hf'}'"])
+  config = json.loads((tmp_path / "task_hf" / "adapter_config.json").read_text())
+  assert (config["peft_type"], config["num_virtual_tokens"]) == ("PREFIX_TUNING", 2)
 
 
 def test_prefix_tuning_pushes_the_input_down_by_its_length():

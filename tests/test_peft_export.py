@@ -352,3 +352,39 @@ def test_infer_exports_a_hyperllama_downstream_lora_with_hf_lora_only(llama_base
       load_file(str(tmp_path / "hf" / "adapter_model.safetensors"))[
           "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"],
       3.0 * np.asarray(lora["decoder_mlp/down"].up[0, 1]), rtol=1e-6)
+
+
+def test_exported_llama_flat_prefix_matches_peft_prefix_tuning(llama_base, tmp_path):
+  """Flat prefix tuning's prefix (input pushed down by P) is PEFT's PREFIX_TUNING exactly; a
+  gist prefix (offset after the demonstrations) or a LoRA beside it is refused."""
+  from hypertune.models import llama  # pylint: disable=g-import-not-at-top
+  directory, config, params = llama_base
+  p = 3
+  shape = (2, config.num_layers, p, config.num_kv_heads, config.head_dim)
+  key, value = (jax.random.normal(jax.random.key(i), shape) for i in (1, 2))
+  flat = PeftParams(prefixes={"decoder_self": Prefix(key, value)},
+                    position_offset=jnp.array([p, p], jnp.int32))
+  mask = jnp.asarray(LLAMA_MASK)
+  ours = np.asarray(jax.jit(llama.Llama(config).apply)(
+      {"params": params}, jnp.asarray(LLAMA_TOKENS), llama.positions_of(mask, flat.position_offset),
+      llama.causal_mask(mask), flat))
+  for bad, message in (
+      (PeftParams(prefixes=flat.prefixes, position_offset=jnp.array([7, 9], jnp.int32)),
+       r"position_offset 9 of row 1 != prefix_len 3"),
+      (PeftParams(prefixes=flat.prefixes, lora=random_llama_lora(config),
+                  position_offset=flat.position_offset), r"cannot export lora\['decoder_self/q'\]")):
+    with pytest.raises(peft_export.PeftExportError, match=message):
+      peft_export.export_prefix_to_hf_peft(bad, str(tmp_path / "bad"), row=1)
+  assert not (tmp_path / "bad").exists()
+  out = peft_export.export_prefix_to_hf_peft(flat, str(tmp_path / "prefix"), directory, row=0)
+  hf = transformers.LlamaForCausalLM.from_pretrained(directory).eval()
+  model = peft.PeftModel.from_pretrained(hf, out).eval()
+  # PEFT drops position_ids with prefix tuning (positions are P + column), so the unpadded
+  # row 0 is the one compared.
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(LLAMA_TOKENS),
+                attention_mask=torch.tensor(LLAMA_MASK.astype(np.int64))).logits.numpy()
+  diff = np.abs(ours[0] - ref[0]).max()
+  print(f"Llama flat prefix export: max |logit diff| vs PEFT PREFIX_TUNING = {diff:.2e}")
+  np.testing.assert_allclose(ours[0], ref[0], atol=1e-4, rtol=0)
+  assert np.abs(ours[1] - ref[1])[LLAMA_MASK[1]].max() > 1e-2  # row 1 has its own prefix

@@ -3,6 +3,7 @@ what HyperT5 generates from the task's 16 sampled training examples; shared: the
 baseline's parameters; random: neither), tuning changes the PEFT parameters only, and the run
 file runs end to end (JSON and PNG), over tiny runs of the quickstart's files trained here."""
 import json
+import os
 
 import gin
 import gin_training
@@ -36,21 +37,30 @@ KIND = peft_tune.SOURCE_KIND
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-  """{name: run directory} of the four tiny runs."""
-  root = tmp_path_factory.mktemp("sources")
-  out = {}
-  for name, spec in SOURCES.items():
-    files = [s for s in spec if s.endswith(".gin")]
-    extra = [s for s in spec if not s.endswith(".gin")]
-    out[name] = str(root / name)
-    gin_training.train(files, TINY + extra + [f"MODEL_DIR = '{out[name]}'"])
+  """{name: run directory} of the four tiny runs, trained once for all pytest-xdist workers
+  (the runs are only read afterwards)."""
+  filelock = pytest.importorskip("filelock")
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' folders share this session's parent
+    base = base.parent
+  root = base / "peft_tune_sources"
+  out = {name: str(root / name) for name in SOURCES}
+  with filelock.FileLock(str(root) + ".lock"):
+    if not (root / "done").exists():
+      for name, spec in SOURCES.items():
+        files = [s for s in spec if s.endswith(".gin")]
+        extra = [s for s in spec if not s.endswith(".gin")]
+        gin_training.train(files, TINY + extra + [f"MODEL_DIR = '{out[name]}'"])
+      (root / "done").write_text("")
   return out
 
 
 @pytest.fixture(scope="module")
 def loaded(sources):
+  from tasks import builtin, common  # pylint: disable=g-import-not-at-top
+  # The registration the runs trained with (another worker may have trained them).
+  builtin.register_builtin_suite(k=2, hyper_modes=("hyper",), task_feature_lengths=LENGTHS)
   runs = {name: peft_tune.load_run(d) for name, d in sources.items()}
-  from tasks import common  # pylint: disable=g-import-not-at-top
   task = common.mixture_tasks("builtin_heldout_label_words")[0]  # a classification task
   name, examples = peft_tune.register_tuning_task(task, "test", dict(LENGTHS, hyper_inputs=1))
   return runs, task, name, examples
@@ -143,7 +153,8 @@ def test_a_run_with_another_prefix_length_is_refused(loaded):
     peft_tune.initial_hypernet("hyper", "prefix_flat", _fresh(model)["hypernet"], hyper, tokens)
 
 
-@pytest.mark.parametrize("peft_type", list(peft_tune.PEFT_TYPES))
+# Prefix-MLP's tuning runs in test_run_file_runs_end_to_end.
+@pytest.mark.parametrize("peft_type", ["prefix_flat", "lora"])
 def test_tuning_changes_only_the_peft_parameters(loaded, peft_type):
   runs, task, name, examples = loaded
   hyper = runs[f"hyper_{KIND[peft_type]}"]
