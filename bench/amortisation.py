@@ -191,8 +191,7 @@ def main(argv=None):
 
   config = t5_config(args.size, vocab_size=args.vocab, dropout_rate=0.0, dtype=args.dtype)
   t, i, o = args.hyper_len, args.inputs_len, args.targets_len
-  model = flops.amortisation(config, t, i, o, args.prefix_len, args.num_hyper_decoder_layers,
-                             decode=args.mode == "predict")
+  model = flops.amortisation(config, t, i, o, args.prefix_len, args.num_hyper_decoder_layers)
   print(f"T5 {args.size}: d_model={config.d_model} d_ff={config.d_ff} heads={config.num_heads} "
         f"layers={config.num_encoder_layers}+{config.num_decoder_layers} vocab={config.vocab_size}"
         f" {config.dtype} | {args.mode}: t={t} demonstration, i={i} query, o={o} target tokens "

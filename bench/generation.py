@@ -30,7 +30,7 @@ Run (from the repository root):
     .venv/bin/python bench/generation.py --size large --dtype bfloat16 --skip_torch \\
         --peak_flops 989e12
 
-Model FLOPs of a decode (`hypertune.flops`): greedy `batch * query_flops(decode=True)`; beam
+Model FLOPs of a decode (`hypertune.flops`): greedy `batch * query_flops`; beam
 search the encoder once per example and the decoder for every beam. Achieved FLOP/s is that
 over hypertune's median time; with `--peak_flops` (the device's peak FLOP/s for the compute
 dtype) the model FLOPs utilisation (MFU) is printed (decoding is memory-bound: expect it low).
@@ -41,6 +41,8 @@ import statistics
 import sys
 import tempfile
 import time
+
+from bench_util import flops_line
 
 
 def parse_args(argv=None):
@@ -75,12 +77,12 @@ def parse_args(argv=None):
 
 
 def decode_flops(config, args, mode: str) -> int:
-  """Model FLOPs of one decode of the batch (`hypertune.flops`): greedy = `query_flops` with
-  `decode=True`; beam search runs the encoder once per example and the decoder per beam."""
+  """Model FLOPs of one decode of the batch (`hypertune.flops`): greedy = `query_flops` (the
+  encoded inputs projected for cross-attention once); beam search runs the encoder once per example and the decoder per beam."""
   from hypertune import flops
   n, s = args.new_tokens, args.inputs_len
   if mode == "greedy":
-    return args.batch * flops.query_flops(config, s, n, decode=True)
+    return args.batch * flops.query_flops(config, s, n)
   decoder = flops.decoder_flops(config, n, n, s)
   return args.batch * (flops.encoder_flops(config, s) + args.num_beams * decoder)
 
@@ -266,14 +268,8 @@ def main(argv=None):
     print(f"ratio hypertune/transformers {mode}: "
           f"{medians['hypertune', mode] / medians['transformers', mode]:.2f}x")
   for mode in modes:
-    model_flops = decode_flops(config, args, mode)
-    achieved = model_flops * medians["hypertune", mode] / expected
-    line = (f"model FLOPs {mode}: {model_flops / 1e9:.4g} GFLOP a batch (hypertune.flops); "
-            f"hypertune {achieved / 1e12:.3f} TFLOP/s")
-    if args.peak_flops:
-      line += (f"; MFU {100 * achieved / args.peak_flops:.2f}% of "
-               f"{args.peak_flops / 1e12:.0f} TFLOP/s peak")
-    print(line)
+    print(flops_line(f"{mode} (a batch, hypertune.flops)", decode_flops(config, args, mode),
+                     expected / medians["hypertune", mode], args.peak_flops))
   return 0
 
 

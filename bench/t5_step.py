@@ -13,7 +13,9 @@ padding), and times a full training step on each:
   `--steps` timed steps, each ended by `block_until_ready`.
 - PyTorch: `transformers.T5ForConditionalGeneration` in train mode, `torch.optim.AdamW`
   (same lr / betas / eps / weight decay), `torch.set_num_threads(os.cpu_count())` (or
-  `--torch_threads`); `--warmup` steps, then `--steps` timed steps.
+  `--torch_threads`); at equal precision: float32, or with `--dtype bfloat16` the forward under
+  `torch.autocast("cpu", torch.bfloat16)` (float32 weights and optimizer, as hypertune's);
+  `--warmup` steps, then `--steps` timed steps.
 
 Throughput is `batch * (inputs_len + targets_len) * steps / seconds` (padding included, the same
 for both). With `--repeats N` the timed blocks alternate JAX / PyTorch N times (so background
@@ -24,25 +26,33 @@ that they compute the same thing.
 Run (from the repository root):
 
     .venv/bin/python bench/t5_step.py                      # t5-small shape, batch 8, 256/64
+    .venv/bin/python bench/t5_step.py --quick              # tiny size, seconds (CI)
     .venv/bin/python bench/t5_step.py --repeats 3 --steps 5
-    .venv/bin/python bench/t5_step.py --dtype bfloat16 --skip_torch
+    .venv/bin/python bench/t5_step.py --dtype bfloat16
     .venv/bin/python bench/t5_step.py --no_scan_layers --xla_flags=--xla_cpu_enable_fast_math=true
     .venv/bin/python bench/t5_step.py --size base --dtype bfloat16 --skip_torch --peak_flops 989e12
 
 `--xla_flags` is appended to `XLA_FLAGS` before JAX is imported. The model FLOPs of a step are
 `3 *` the forward pass's (`flops.query_flops`: backward = twice forward, no recompute counted);
-hypertune's achieved FLOP/s is that over its median step time, and with `--peak_flops` (the
-device's peak FLOP/s for the compute dtype) the model FLOPs utilisation (MFU) is printed.
+hypertune's achieved FLOP/s is that over its median step time, printed as a fraction of the
+machine's float32 matmul peak measured in the same run (`bench_util.matmul_peak_flops`, a
+jitted 2048^2 matmul, once before each repeat, the best of all), and with `--peak_flops` (the
+device's peak FLOP/s for the compute dtype) as model FLOPs utilisation (MFU).
 """
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import time
 
+import bench_util
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true",
+                 help="tiny size, a short batch, 2 steps: seconds, checks only that it runs")
   p.add_argument("--size", default="small", help="t5_config size (tiny, mini, small, base, ...)")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--inputs_len", type=int, default=256)
@@ -52,7 +62,7 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
   p.add_argument("--repeats", type=int, default=1, help="timed blocks per framework")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                 help="hypertune compute dtype (PyTorch always runs float32)")
+                 help="compute dtype of both (PyTorch: bf16 autocast of the forward)")
   p.add_argument("--no_scan_layers", action="store_true", help="unroll hypertune's layers")
   p.add_argument("--remat", action="store_true", help="rematerialise hypertune's layers")
   p.add_argument("--loss", default="optax", choices=["optax", "logsoftmax"],
@@ -66,10 +76,15 @@ def parse_args(argv=None):
                  help="torch.set_num_threads (default: os.cpu_count())")
   p.add_argument("--skip_torch", action="store_true")
   p.add_argument("--skip_jax", action="store_true")
+  p.add_argument("--matmul_peak_n", type=int, default=2048,
+                 help="side of the matmul that measures the machine's float32 peak (0: skip)")
   p.add_argument("--peak_flops", type=float, default=0.0,
                  help="the device's peak FLOP/s (e.g. 989e12: H100 / H200 dense bfloat16); "
                       "> 0 prints hypertune's model FLOPs utilisation")
   args = p.parse_args(argv)
+  if args.quick:
+    args.size, args.batch, args.inputs_len, args.targets_len, args.vocab = "tiny", 2, 16, 8, 384
+    args.steps, args.warmup, args.matmul_peak_n = 2, 1, 256
   if args.peak_flops < 0:
     p.error(f"--peak_flops must be >= 0, got {args.peak_flops}")
   return args
@@ -200,11 +215,14 @@ class TorchBench:
                        decoder_input_ids=dec_in.long(),
                        decoder_attention_mask=torch.ones_like(dec_in).long())
     self.tgt, self.weights = tgt.long(), weights
+    self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                     else contextlib.nullcontext())
     self.first_loss = None
 
   def _step(self):
     torch = self.torch
-    logits = self.model(**self.inputs, use_cache=False).logits
+    with self.autocast:
+      logits = self.model(**self.inputs, use_cache=False).logits
     xent = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), self.tgt.flatten(),
                                              reduction="none")
     loss = (xent * self.weights.flatten()).sum() / self.weights.sum().clamp(min=1.0)
@@ -255,7 +273,8 @@ def main(argv=None):
     params = benches["hypertune"].initial_params if "hypertune" in benches else None
     tb = TorchBench(args, config, batch, params)
     print(f"pytorch:   {tb.num_params / 1e6:.1f}M params, init {tb.init_s:.1f}s, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'bf16 autocast' if args.dtype == 'bfloat16' else 'float32'}", flush=True)
     benches["pytorch"] = tb
   for b in benches.values():
     if hasattr(b, "initial_params"):
@@ -272,7 +291,12 @@ def main(argv=None):
           flush=True)
 
   times = {name: [] for name in benches}
+  peaks = []
   for r in range(args.repeats):
+    if args.matmul_peak_n and "hypertune" in benches:
+      peaks.append(bench_util.matmul_peak_flops(args.matmul_peak_n))
+      print(f"  repeat {r + 1}/{args.repeats} float32 {args.matmul_peak_n}^2 matmul: "
+            f"{peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
     for name, b in benches.items():
       times[name].append(b.run(args.steps))
       print(f"  repeat {r + 1}/{args.repeats} {name:9s}: {times[name][-1] / args.steps:.3f} s/step",
@@ -294,13 +318,9 @@ def main(argv=None):
   if "hypertune" in medians:
     from hypertune import flops
     step_flops = 3 * args.batch * flops.query_flops(config, args.inputs_len, args.targets_len)
-    achieved = step_flops * medians["hypertune"] / tokens_per_step
-    line = (f"\nmodel FLOPs: {step_flops / 1e12:.4g} TFLOP a step (3x forward, flops.query_flops);"
-            f" hypertune {achieved / 1e12:.4g} TFLOP/s")
-    if args.peak_flops:
-      line += (f"; MFU {100 * achieved / args.peak_flops:.3g}% of "
-               f"{args.peak_flops / 1e12:.0f} TFLOP/s peak")
-    print(line)
+    print("\n" + bench_util.flops_line(
+        "a step (3x forward, flops.query_flops)", step_flops, tokens_per_step / medians["hypertune"],
+        args.peak_flops, max(peaks, default=0.0)))
   return 0
 
 

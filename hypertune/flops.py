@@ -155,19 +155,17 @@ def decoder_flops(config: T5Config, length: int, keys: int, memory_len: int,
   return length * layers * per_token + cross_kv + head
 
 
-def query_flops(config: T5Config, inputs_len: int, targets_len: int, prefix_len: int = 0,
-                decode: bool = False) -> int:
+def query_flops(config: T5Config, inputs_len: int, targets_len: int, prefix_len: int = 0) -> int:
   """One query through T5: encoder over `inputs_len` tokens, decoder over `targets_len`.
 
-  `decode=False`: teacher-forced scoring (`BaseModel.score`). `decode=True`: greedy decoding of
-  `targets_len` tokens with a cache of that length (`BaseModel.predict`), one decoder token a
-  step, the encoded inputs projected for cross-attention once.
+  The same count for teacher-forced scoring (`BaseModel.score`) and for greedy decoding of
+  `targets_len` tokens with a cache of that length (`BaseModel.predict`): decoding projects the
+  encoded inputs for cross-attention once, at its first step.
   """
   for name, v in (("inputs_len", inputs_len), ("targets_len", targets_len),
                   ("prefix_len", prefix_len)):
     _check(name, v)
   enc = encoder_flops(config, inputs_len, prefix_len)
-  del decode  # the same count: the cross-attention keys/values are projected once either way
   dec = decoder_flops(config, targets_len, targets_len, inputs_len, prefix_len)
   return enc + dec
 
@@ -239,16 +237,16 @@ class Amortisation:
 
 def amortisation(config: T5Config, hyper_len: int, inputs_len: int, targets_len: int,
                  prefix_len: int = 16, num_hyper_decoder_layers: Optional[int] = None,
-                 decode: bool = False, hyper_config: Optional[T5Config] = None) -> Amortisation:
+                 hyper_config: Optional[T5Config] = None) -> Amortisation:
   """Few-shot concatenation (a plain T5 over `[demonstrations; query]`, `hyper_len + inputs_len`
   input tokens) against HyperT5-Prefix (the hypernetwork once over the `hyper_len`
   demonstration tokens, then the `inputs_len` query tokens with `prefix_len` prefixes in every
-  attention), `targets_len` target tokens each; `decode`: greedy decoding instead of scoring.
+  attention), `targets_len` target tokens each, scored or greedily decoded (`query_flops`).
 
   The paper's t, i, o are `hyper_len`, `inputs_len`, `targets_len`.
   """
   return Amortisation(
-      per_query_concat=query_flops(config, hyper_len + inputs_len, targets_len, 0, decode),
+      per_query_concat=query_flops(config, hyper_len + inputs_len, targets_len),
       once=hypert5_prefix_flops(config, hyper_len, prefix_len, num_hyper_decoder_layers,
                                 hyper_config),
-      per_query_hyper=query_flops(config, inputs_len, targets_len, prefix_len, decode))
+      per_query_hyper=query_flops(config, inputs_len, targets_len, prefix_len))

@@ -2,6 +2,7 @@
 steps, microbatches), the ablation switches, fusion-in-decoder masking, HINT's generator size
 and tied encoder. Training, resume, evaluation and inference through the shared code are in
 tests/test_gin_runs.py (every run file) and test_resume_keeps_the_consistency_state below."""
+import conftest
 import os
 
 import gin_training
@@ -378,7 +379,7 @@ def test_mesh_2x4_matches_one_device(method_runs, tmp_path):
                                   "EVAL_PERIOD = 0", "partitioning.make_mesh.num_partitions = 4"]
           for i, p in enumerate(RUNS)}
   tests = os.path.dirname(os.path.abspath(__file__))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags_with_devices(8),
              PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests)]))
   out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, json.dumps(runs)], env=env,
                        capture_output=True, text=True, timeout=900)

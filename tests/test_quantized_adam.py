@@ -1,5 +1,6 @@
 """Tests for hypertune.quantized_adam and optimizers.adamw_8bit: state memory, agreement with
 AdamW, block-wise round-trip error, checkpoints, shardings, and a tiny training run."""
+import conftest
 import json
 import os
 import subprocess
@@ -233,7 +234,7 @@ print(json.dumps({"max_diff": float(np.abs(w8 - w1).max()), "moved": float(np.ab
 
 
 def test_sharded_training_on_a_2x4_mesh_matches_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags_with_devices(8),
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   out = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=300)

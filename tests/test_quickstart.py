@@ -99,7 +99,7 @@ def test_bad_quickstart_arguments_are_named(arg, message):
 def test_quickstart_end_to_end_at_reduced_steps(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "hypertune.quickstart", f"--model_dir={tmp_path}",
-       "--gin.TRAIN_STEPS=4", "--gin.BATCH_SIZE=8", "--gin.config.t5_config.size='tiny'",
+       "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4", "--gin.config.t5_config.size='tiny'",
        "--gin.PREFIX_LEN=2", "--gin.optimizers.linear_warmup_decay.warmup_steps=0"],
       capture_output=True, text=True, timeout=1500)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -116,12 +116,12 @@ def test_quickstart_end_to_end_at_reduced_steps(tmp_path):
   # Every stage's log lines are in train/metrics.jsonl (what curves.png is drawn from).
   for _, run_dir, _ in quickstart.stage_flags(str(tmp_path)):
     records = [json.loads(l) for l in open(f"{run_dir}/train/metrics.jsonl")]
-    assert records[-1]["step"] == 4 and math.isfinite(records[-1]["loss"])
+    assert records[-1]["step"] == 2 and math.isfinite(records[-1]["loss"])
   # Overall progress before each of the 6 stages; the first from the prior.
   stage_lines = re.findall(r"^stage (\d)/6: .+ — elapsed \d+:\d\d, ETA for the whole run "
                            r"\d+:\d\d( \(prior estimate\))?", out.stdout, re.MULTILINE)
   assert stage_lines == [("1", " (prior estimate)")] + [(str(i), "") for i in range(2, 7)]
   # Counts print as integers in the training progress lines.
   logged = out.stdout + out.stderr
-  assert "step 4/4 | " in logged and re.search(r"\| num_tokens \d[\d,]* \|", logged)
+  assert "step 2/2 | " in logged and re.search(r"\| num_tokens \d[\d,]* \|", logged)
   assert not re.search(r"num_tokens \d+\.\d", logged)

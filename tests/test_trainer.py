@@ -1,4 +1,5 @@
 """End-to-end training through gin on the built-in suite: resume, mesh, HyperT5, evaluation."""
+import conftest
 import json
 import os
 import shutil
@@ -163,7 +164,7 @@ print("LOSSES", json.dumps(trainer.train()["losses"]))
 
 def test_mesh_2x4_matches_one_device(downstream_run, tmp_path):
   _, full = downstream_run
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags_with_devices(8))
   bindings = TINY + [f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 6",
                      "partitioning.make_mesh.num_partitions = 4"]
   out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, json.dumps(bindings)], env=env,
@@ -265,7 +266,7 @@ def _run_two_processes(script, *args):
     env = dict(os.environ, HYPERTUNE_CACHE=cache, JAX_PLATFORMS="cpu",
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=conftest.xla_flags_with_devices(2))
     procs.append(subprocess.Popen(
         [sys.executable, os.path.join(repo, "tests", script), *args], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
