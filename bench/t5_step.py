@@ -64,6 +64,8 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="compute dtype of both (PyTorch: bf16 autocast of the forward)")
   p.add_argument("--no_scan_layers", action="store_true", help="unroll hypertune's layers")
+  p.add_argument("--scan_unroll", type=int, default=1,
+                 help="layers per iteration of the scanned loop (T5Config.scan_unroll)")
   p.add_argument("--remat", action="store_true", help="rematerialise hypertune's layers")
   p.add_argument("--loss", default="optax", choices=["optax", "logsoftmax"],
                  help="JAX cross-entropy: optax.softmax_cross_entropy_with_integer_labels or "
@@ -252,14 +254,16 @@ def main(argv=None):
   from hypertune.models.config import t5_config
 
   config = t5_config(args.size, vocab_size=args.vocab, dtype=args.dtype,
-                     scan_layers=not args.no_scan_layers, remat=args.remat, dropout_rate=0.0)
+                     scan_layers=not args.no_scan_layers, scan_unroll=args.scan_unroll,
+                     remat=args.remat, dropout_rate=0.0)
   batch = make_batch(args, args.seed)
   tokens_per_step = args.batch * (args.inputs_len + args.targets_len)
   print(f"T5 {args.size}: d_model={config.d_model} d_ff={config.d_ff} heads={config.num_heads} "
         f"layers={config.num_encoder_layers}+{config.num_decoder_layers} vocab={config.vocab_size}"
         f" | batch {args.batch} x ({args.inputs_len} + {args.targets_len}) tokens "
         f"| {os.cpu_count()} CPUs", flush=True)
-  print(f"hypertune: dtype={config.dtype} scan_layers={config.scan_layers} remat={config.remat} "
+  print(f"hypertune: dtype={config.dtype} scan_layers={config.scan_layers} "
+        f"scan_unroll={config.scan_unroll} remat={config.remat} "
         f"loss={args.loss} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
   benches = {}

@@ -1,11 +1,12 @@
 """Per-example PEFT semantics, scan vs unrolled, decoding vs teacher forcing, error messages."""
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.core import meta
 
-from hypertune.models import decoding, hf_convert
+from hypertune.models import decoding, hf_convert, layers
 from hypertune.models.config import t5_config
 from hypertune.models.layers import Attention
 from hypertune.models.peft import Adapter, LoRA, PeftParams, PeftShapeError, Prefix
@@ -231,3 +232,72 @@ def test_params_carry_logical_axes():
   assert q.names == ("layers", "embed", "heads", "kv")
   assert boxed["token_embedder"]["embedding"].names == ("vocab", "embed")
   assert boxed["decoder"]["layers"]["mlp"]["wi_0"].names == ("layers", "embed", "mlp")
+
+
+@pytest.mark.parametrize("spec,x_ndim,expected", [
+    ("btd,dhk->bthk", 3, 1), ("bqhk,hkd->bqd", 4, 2), ("btf,fd->btd", 3, 1),
+    ("bhqk,hkd->bqd", 4, None), ("btd,bad->bta", 3, None), ("bqhk,bshk->bhqs", 4, None),
+    ("...d,dv->...v", 2, None)])
+def test_dense_projections_are_recognised(spec, x_ndim, expected):
+  """layers.dot runs these as one 2-D matmul (the weight gradient XLA:CPU runs fastest)."""
+  assert layers._dense_split(spec, x_ndim) == expected
+
+
+def test_dense_dot_equals_einsum():
+  x, w = rand(0, (2, 3, 4, 5)), rand(1, (4, 5, 6))
+  np.testing.assert_allclose(layers.dot("bqhk,hkd->bqd", x, w, jnp.float32),
+                             jnp.einsum("bqhk,hkd->bqd", x, w), rtol=1e-5, atol=1e-6)
+  grads = jax.grad(lambda x, w: jnp.sum(jnp.sin(layers.dot("bqhk,hkd->bqd", x, w, jnp.float32))),
+                   (0, 1))(x, w)
+  expected = jax.grad(lambda x, w: jnp.sum(jnp.sin(jnp.einsum("bqhk,hkd->bqd", x, w))),
+                      (0, 1))(x, w)
+  for g, e in zip(grads, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 2, 4, 5), (3, 2, 4, 5), (1, 2, 1, 5)])
+def test_position_bias_gradient_sums_the_broadcast_axes(bias_shape):
+  logits, bias = rand(0, (3, 2, 4, 5)), rand(1, bias_shape)
+  f = lambda l, b: jnp.sum(jnp.sin(layers.add_position_bias(l, b)))  # noqa: E731
+  g = lambda l, b: jnp.sum(jnp.sin(l + b))  # noqa: E731
+  for got, want in zip(jax.grad(f, (0, 1))(logits, bias), jax.grad(g, (0, 1))(logits, bias)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_model_multiplies_in_bfloat16(model_and_params):
+  """Every matmul of a bfloat16 T5 (logits, gated-GELU inputs, attention scores included) takes
+  bfloat16 operands; float32 is only its accumulation."""
+  model, params = model_and_params
+  bf16 = T5(CFG.replace(dtype="bfloat16"))
+  jaxpr = jax.make_jaxpr(lambda p: bf16.apply({"params": p}, ENC, DEC))(params)
+
+  def dots(jaxpr):
+    yield from (eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general")
+    for sub in jax.extend.core.subjaxprs(jaxpr):
+      yield from dots(sub)
+
+  found = list(dots(jaxpr.jaxpr))
+  assert len(found) > 10
+  for eqn in found:
+    assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2, eqn
+
+
+def test_scan_unroll_keeps_parameters_logits_and_decoding(model_and_params):
+  """scan_unroll=2 (3 decoder layers: one full iteration and a remainder) reads the same stacked
+  parameters and computes the same logits, gradients and greedy decode."""
+  model, params = model_and_params
+  unrolled2 = T5(CFG.replace(scan_unroll=2))
+  shapes = jax.eval_shape(lambda: unrolled2.init(jax.random.key(0), ENC, DEC))["params"]
+  assert jax.tree.structure(meta.unbox(shapes)) == jax.tree.structure(params)
+  peft = full_peft()
+  np.testing.assert_allclose(logits(unrolled2, params, peft), logits(model, params, peft),
+                             atol=1e-5)
+  loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, ENC, DEC, peft) ** 2)  # noqa: E731
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(unrolled2))(params)),
+                  jax.tree.leaves(jax.grad(loss(model))(params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(decoding.greedy_decode(unrolled2, params, ENC, max_decode_len=5),
+                                decoding.greedy_decode(model, params, ENC, max_decode_len=5))
+  with pytest.raises(ValueError, match="scan_unroll must be >= 1"):
+    CFG.replace(scan_unroll=0)

@@ -38,6 +38,10 @@ class T5Config:
   scale_decoder_outputs: Optional[bool] = None
   dtype: str = "float32"  # compute dtype; parameters are always stored in float32
   scan_layers: bool = True  # nn.scan over layers (fast compile); False unrolls them
+  # Layers per iteration of the scanned loop (lax.scan's unroll; parameters stay stacked). On
+  # XLA:CPU 2 takes back about half of the loop's cost against unrolled layers
+  # (bench/t5_step.py --scan_unroll, docs/performance.md).
+  scan_unroll: int = 1
   remat: bool = False  # rematerialise each layer in the backward pass (saves memory)
   pad_id: int = 0
   eos_id: int = 1
@@ -47,6 +51,8 @@ class T5Config:
     if self.mlp_activation not in ("gated-gelu", "relu"):
       raise ValueError(f"T5Config.mlp_activation must be 'gated-gelu' or 'relu', got "
                        f"{self.mlp_activation!r}")
+    if self.scan_unroll < 1:
+      raise ValueError(f"T5Config.scan_unroll must be >= 1, got {self.scan_unroll}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"T5Config.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 

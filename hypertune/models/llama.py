@@ -213,7 +213,7 @@ class Attention(nn.Module):
     # [batch, kv_heads, group, len, head_dim]: heads-major operands (fast batched matmuls).
     qg = q.reshape(batch, length, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [batch, kv_heads, keys, hd]
-    logits = dot("bkgqd,bksd->bkgqs", qg, kt, jnp.float32) / math.sqrt(hd)
+    logits = dot("bkgqd,bksd->bkgqs", qg, kt, dt, jnp.float32) / math.sqrt(hd)
     logits = jnp.where(mask[:, :, None], logits, NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1)
     weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
@@ -365,7 +365,7 @@ class LMHead(nn.Module):
     cfg = self.config
     kernel = param_with_axes(self, "kernel", nn.initializers.normal(0.02),
                              (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
-    return dot("btd,dv->btv", y, kernel, jnp.float32)
+    return dot("btd,dv->btv", y, kernel, cfg.compute_dtype, jnp.float32)
 
 
 # --- sequence layout -----------------------------------------------------------------------

@@ -135,13 +135,13 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
   return qwix.dequantize(qwix.QArray(codes, w.scale.astype(dtype), qtype=qtype)).astype(dtype)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(0, 3))
-def dot(spec: str, x, w: QuantizedWeight, dtype):
+@functools.partial(jax.checkpoint, static_argnums=(0, 3, 4))
+def dot(spec: str, x, w: QuantizedWeight, dtype, result_dtype):
   """`layers.dot` with a quantised weight: dequantised to `dtype` in the matmul, float32
-  accumulation. Rematerialised: the backward pass dequantises again rather than saving the
-  float weight."""
+  accumulation, the result in `result_dtype`. Rematerialised: the backward pass dequantises
+  again rather than saving the float weight."""
   return jnp.einsum(spec, x.astype(dtype), dequantize(w, dtype),
-                    preferred_element_type=jnp.float32).astype(dtype)
+                    preferred_element_type=jnp.float32).astype(result_dtype)
 
 
 def is_quantizable(path: str, leaf) -> bool:

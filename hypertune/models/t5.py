@@ -80,6 +80,7 @@ def _stack_layers(module: nn.Module, layer_cls, num_layers: int, x, peft_by_laye
         layer_cls, variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(0,) + (nn.broadcast,) * len(broadcast_args), length=num_layers,
+        unroll=cfg.scan_unroll,
         metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = scanned(cfg, name="layers")(x, peft_by_layer, *broadcast_args)
     return x
@@ -232,4 +233,4 @@ class LogitsDense(nn.Module):
     cfg = self.config
     kernel = param_with_axes(self, "kernel", nn.initializers.normal(cfg.d_model**-0.5),
                              (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
-    return dot("btd,dv->btv", y, kernel, jnp.float32)
+    return dot("btd,dv->btv", y, kernel, cfg.compute_dtype, jnp.float32)
