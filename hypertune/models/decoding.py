@@ -18,20 +18,44 @@ from hypertune.models.peft import PeftParams
 from hypertune.models.t5 import T5
 
 def _empty_cache(model: T5, batch: int, enc_len: int, max_decode_len: int, peft=None):
-  """Zero cache shaped by an init call over the full decode length (no compute: eval_shape).
-  `peft` shapes it too: fusion-in-decoder memory lengthens the cross-attention keys/values."""
+  """Zero self-attention cache shaped by an init call over the full decode length (no compute:
+  eval_shape). The cross-attention keys/values ("cross_kv") come from the first step."""
   def init():
     return model.init(jax.random.key(0), jnp.ones((batch, enc_len), jnp.int32),
                       jnp.ones((batch, max_decode_len), jnp.int32), peft, decode=True)["cache"]
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init))
 
 
-def _decode_step(model: T5, params, cache, encoded, encoder_input_tokens, tokens, peft):
-  """One token `[batch]` -> (log-probs `[batch, vocab]` float32, new cache)."""
-  logits, mutated = model.apply({"params": params, "cache": cache}, encoded, encoder_input_tokens,
-                                tokens[:, None], peft, decode=True, mutable=["cache"],
-                                method=T5.decode)
-  return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)), mutated["cache"]
+def _decode_step(model: T5, params, cache, cross_kv, encoded, encoder_input_tokens, tokens, peft):
+  """One token `[batch]` -> (log-probs `[batch, vocab]` float32, new cache, cross_kv). The first
+  step (`cross_kv=None`) projects the encoder output for every cross-attention once; later steps
+  read those keys/values as constants of the decoding loop."""
+  variables = {"params": params, "cache": cache}
+  if cross_kv is not None:
+    variables["cross_kv"] = cross_kv
+  logits, mutated = model.apply(variables, encoded, encoder_input_tokens, tokens[:, None], peft,
+                                decode=True, method=T5.decode,
+                                mutable=["cache"] if cross_kv is not None else ["cache", "cross_kv"])
+  log_probs = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32))
+  return log_probs, mutated["cache"], mutated.get("cross_kv", cross_kv)
+
+
+def _first_step(model: T5, params, encoder_input_tokens, encoded, peft, batch, cache_len):
+  """The decoder start token through an empty cache: (log-probs, cache, step) where `step(cache,
+  tokens) -> (log-probs, cache)` feeds one more token with the cross-attention keys/values
+  fixed."""
+  cfg = model.config
+  cache = _empty_cache(model, batch, encoder_input_tokens.shape[1], cache_len, peft)
+  start = jnp.full((batch,), cfg.decoder_start_id, jnp.int32)
+  log_probs, cache, cross_kv = _decode_step(model, params, cache, None, encoded,
+                                            encoder_input_tokens, start, peft)
+
+  def step(cache, tokens):
+    log_probs, cache, _ = _decode_step(model, params, cache, cross_kv, encoded,
+                                       encoder_input_tokens, tokens, peft)
+    return log_probs, cache
+
+  return log_probs, cache, step
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_len"))
@@ -39,25 +63,25 @@ def greedy_decode(model: T5, params, encoder_input_tokens, peft: Optional[PeftPa
                   max_decode_len: int = 64):
   """Argmax decoding. encoder_input_tokens `[batch, enc_len]` -> tokens `[batch, max_decode_len]`."""
   cfg = model.config
-  batch, enc_len = encoder_input_tokens.shape
+  batch = encoder_input_tokens.shape[0]
   encoded = model.apply({"params": params}, encoder_input_tokens, peft, method=T5.encode)
-  cache = _empty_cache(model, batch, enc_len, max_decode_len, peft)
+  # One slot more than generated: the loop feeds its last token too (and discards the result).
+  log_probs, cache, step = _first_step(model, params, encoder_input_tokens, encoded, peft, batch,
+                                       max_decode_len + 1)
 
   def cond(state):
     i, _, _, _, done = state
     return (i < max_decode_len) & ~jnp.all(done)
 
   def body(state):
-    i, token, out, cache, done = state
-    log_probs, cache = _decode_step(model, params, cache, encoded, encoder_input_tokens, token,
-                                    peft)
+    i, log_probs, out, cache, done = state
     token = jnp.where(done, cfg.pad_id, jnp.argmax(log_probs, axis=-1).astype(jnp.int32))
     out = out.at[:, i].set(token)
-    return i + 1, token, out, cache, done | (token == cfg.eos_id)
+    log_probs, cache = step(cache, token)
+    return i + 1, log_probs, out, cache, done | (token == cfg.eos_id)
 
-  state = (jnp.array(0), jnp.full((batch,), cfg.decoder_start_id, jnp.int32),
-           jnp.full((batch, max_decode_len), cfg.pad_id, jnp.int32), cache,
-           jnp.zeros((batch,), bool))
+  state = (jnp.array(0), log_probs, jnp.full((batch, max_decode_len), cfg.pad_id, jnp.int32),
+           cache, jnp.zeros((batch,), bool))
   return jax.lax.while_loop(cond, body, state)[2]
 
 
@@ -72,24 +96,19 @@ def beam_search(model: T5, params, encoder_input_tokens, peft: Optional[PeftPara
   = sum of log-probs / generated_length ** length_penalty).
   """
   cfg = model.config
-  batch, enc_len = encoder_input_tokens.shape
+  batch = encoder_input_tokens.shape[0]
   k = num_beams
   encoded = jnp.repeat(model.apply({"params": params}, encoder_input_tokens, peft,
                                    method=T5.encode), k, axis=0)
   enc_tokens = jnp.repeat(encoder_input_tokens, k, axis=0)
   peft = peft.repeat(k) if peft is not None else None
   # One slot more than generated: the loop feeds its last token too (and discards the result).
-  cache = _empty_cache(model, batch * k, enc_len, max_decode_len + 1, peft)
-
-  def step(cache, tokens, i):
-    del i  # the cache counts positions
-    return _decode_step(model, params, cache, encoded, enc_tokens, tokens, peft)
-
-  log_probs, cache = step(cache, jnp.full((batch * k,), cfg.decoder_start_id, jnp.int32), 0)
+  log_probs, cache, step = _first_step(model, params, enc_tokens, encoded, peft, batch * k,
+                                       max_decode_len + 1)
   return beam_search_lib.beam_search_loop(
-      step, log_probs, cache, batch=batch, num_beams=k, max_decode_len=max_decode_len,
-      eos_id=cfg.eos_id, pad_id=cfg.pad_id, length_penalty=length_penalty,
-      scan_layers=cfg.scan_layers)
+      lambda cache, tokens, i: step(cache, tokens), log_probs, cache, batch=batch, num_beams=k,
+      max_decode_len=max_decode_len, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
+      length_penalty=length_penalty, scan_layers=cfg.scan_layers)
 
 
 def token_log_likelihood(model: T5, params, encoder_input_tokens, decoder_input_tokens,

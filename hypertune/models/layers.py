@@ -162,8 +162,9 @@ class Attention(nn.Module):
   - `prefix`: Prefix with key/value `[batch, prefix_len, heads, head_dim]`, prepended to the keys
     and values; every real query sees every prefix position, with no position bias.
   - `lora`: {"q"|"k"|"v"|"o": LoRA with down `[batch, rank, in]`, up `[batch, out, rank]`}.
-  - `decode`: autoregressive self-attention with a key/value cache of the full decode length;
-    the first call (at init) only shapes the cache.
+  - `decode`: autoregressive self-attention with a key/value cache of the full decode length
+    (the first call, at init, only shapes it); cross-attention (`fixed_kv`) keeps the keys/values
+    of its fixed inputs in the "cross_kv" collection.
   """
   config: T5Config
 
@@ -174,7 +175,7 @@ class Attention(nn.Module):
     """inputs_q `[batch, q_len, d_model]`, inputs_kv `[batch, k_len, d_model]`,
     bias `[1|batch, heads, q_len, k_len]` float, mask `[batch, 1, q_len|1, k_len]` bool.
     `fixed_kv` (cross-attention): inputs_kv is the same at every decoding step, so with `decode`
-    its keys/values are projected at the first step only and then read from the cache.
+    its keys/values (prefix included) are projected at the first step only, then read.
     Returns `[batch, q_len, d_model]`.
     """
     cfg = self.config
@@ -201,46 +202,27 @@ class Attention(nn.Module):
     q = project(inputs_q, wq, "q")
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
-    def project_kv():
-      return project(inputs_kv, wk, "k"), project(inputs_kv, wv, "v")
+    def keys_values():
+      return _heads_major(project(inputs_kv, wk, "k"), project(inputs_kv, wv, "v"))
 
     if decode and fixed_kv:
-      k, v = self._fixed_kv(project_kv, inputs_kv.shape[:2] + (h, dk), dt)
+      key, value = self._fixed_kv(lambda: _prepend(prefix, *keys_values(), dt))
     else:
-      k, v = project_kv()
-
-    if decode and not fixed_kv:
-      is_init = self.is_initializing() or not self.has_variable("cache", "cached_key")
-      cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-      cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-      if not is_init:
-        # One new token: write it at cache_index and attend to everything up to it.
-        index = cache_index.value
-        zero = jnp.array(0, jnp.int32)
-        k = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype),
-                                         (zero, index, zero, zero))
-        v = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype),
-                                         (zero, index, zero, zero))
-        cached_key.value, cached_value.value = k, v
-        cache_index.value = index + 1
-        mask = jnp.broadcast_to(jnp.arange(k.shape[1]) <= index, (k.shape[0], 1, 1, k.shape[1]))
-
+      key, value = keys_values()
+      if decode:
+        key, value, mask = self._update_cache(key, value, mask)
+      key, value = _prepend(prefix, key, value, dt)
     if prefix is not None:  # prefix positions: always visible, no position bias
       p = prefix.key.shape[1]
-      bias = jnp.broadcast_to(bias, bias.shape[:-1] + (k.shape[1],))
-      k = jnp.concatenate([prefix.key.astype(dt), k.astype(dt)], axis=1)
-      v = jnp.concatenate([prefix.value.astype(dt), v.astype(dt)], axis=1)
+      bias = jnp.broadcast_to(bias, bias.shape[:-1] + (key.shape[-1] - p,))
       bias = jnp.pad(bias, [(0, 0), (0, 0), (0, 0), (p, 0)])
       mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (p,), bool), mask], axis=-1)
 
-    logits = add_position_bias(dot("bqhk,bshk->bhqs", q, k, dt, jnp.float32), bias)
+    logits = add_position_bias(dot("bqhk,bhks->bhqs", q, key, dt, jnp.float32), bias)
     logits = jnp.where(mask, logits, NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1)
     weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
-    # Heads-major values and output: XLA:CPU runs "bhqs,bshk->bqhk" about 6x slower than this
-    # batched matmul (bench/attention_layout.py); on GPU/TPU the layout is XLA's choice anyway.
-    out = dot("bhqs,bhsk->bhqk", weights, jnp.swapaxes(v, 1, 2), dt)  # [batch, heads, q, kv]
+    out = dot("bhqs,bhsk->bhqk", weights, value, dt)  # [batch, heads, q, kv]
     if "o" in lora:
       lo = lora["o"]
       flat = jnp.swapaxes(out, 1, 2).reshape(out.shape[0], out.shape[2], -1)
@@ -251,18 +233,54 @@ class Attention(nn.Module):
     y = dot("bqhk,hkd->bqd", jnp.swapaxes(out, 1, 2), wo, dt) + delta
     return nn.with_logical_constraint(y.astype(dt), ("batch", "length", "embed"))
 
-  def _fixed_kv(self, project_kv, shape, dtype):
-    """Keys/values `shape` projected at the first decoding call, from the cache afterwards
-    (under `lax.cond`, so later steps skip the projection of the whole encoder output)."""
-    is_init = self.is_initializing() or not self.has_variable("cache", "fixed_key")
-    key = self.variable("cache", "fixed_key", jnp.zeros, shape, dtype)
-    value = self.variable("cache", "fixed_value", jnp.zeros, shape, dtype)
-    filled = self.variable("cache", "fixed_filled", lambda: jnp.array(False))
+  def _update_cache(self, key, value, mask):
+    """Self-attention decoding: write one token's key `[batch, heads, head_dim, 1]` and value
+    `[batch, heads, 1, head_dim]` into the cache of the full decode length; returns the cached
+    keys and values and the mask of the positions written so far. The init call (over the full
+    length) only shapes the cache."""
+    is_init = self.is_initializing() or not self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if is_init:
-      return project_kv()
-    k, v = jax.lax.cond(filled.value, lambda: (key.value, value.value), project_kv)
-    key.value, value.value, filled.value = k, v, jnp.array(True)
-    return k, v
+      return key, value, mask
+    index, zero = cache_index.value, jnp.array(0, jnp.int32)
+    key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                       (zero, zero, zero, index))
+    value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
+                                         (zero, zero, index, zero))
+    cached_key.value, cached_value.value = key, value
+    cache_index.value = index + 1
+    length = key.shape[-1]
+    return key, value, jnp.broadcast_to(jnp.arange(length) <= index, (key.shape[0], 1, 1, length))
+
+  def _fixed_kv(self, compute):
+    """Cross-attention keys/values while decoding: `compute()`d at the first call, when the
+    "cross_kv" collection is mutable, and read from it at every later step. They are not part of
+    the mutable cache, so a step neither copies nor rewrites them."""
+    if self.is_mutable_collection("cross_kv"):
+      key, value = compute()
+      self.put_variable("cross_kv", "key", key)
+      self.put_variable("cross_kv", "value", value)
+      return key, value
+    return self.get_variable("cross_kv", "key"), self.get_variable("cross_kv", "value")
+
+
+def _heads_major(k, v):
+  """k, v `[batch, len, heads, head_dim]` -> key `[batch, heads, head_dim, len]` and value
+  `[batch, heads, len, head_dim]`: the operand layouts of the attention's two batched matmuls,
+  which the decoding caches keep so that no step transposes them (XLA:CPU copies a transposed
+  operand of a batched matmul; 'bhqs,bshk->bqhk' ran ~6x slower than the heads-major form)."""
+  return jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
+
+
+def _prepend(prefix: Optional[peft_lib.Prefix], key, value, dtype):
+  """Heads-major key/value with the prefix's positions first (unchanged without a prefix)."""
+  if prefix is None:
+    return key, value
+  prefix_key, prefix_value = _heads_major(prefix.key, prefix.value)
+  return (jnp.concatenate([prefix_key.astype(dtype), key.astype(dtype)], axis=-1),
+          jnp.concatenate([prefix_value.astype(dtype), value.astype(dtype)], axis=-2))
 
 
 class FeedForward(nn.Module):

@@ -77,7 +77,7 @@ def _stack_layers(module: nn.Module, layer_cls, num_layers: int, x, peft_by_laye
     layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers, static_argnums=static)
   if cfg.scan_layers:
     scanned = nn.scan(
-        layer_cls, variable_axes={"params": 0, "cache": 0},
+        layer_cls, variable_axes={"params": 0, "cache": 0, "cross_kv": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(0,) + (nn.broadcast,) * len(broadcast_args), length=num_layers,
         unroll=cfg.scan_unroll,
