@@ -91,24 +91,37 @@ def beam_search(model: T5, params, encoder_input_tokens, peft: Optional[PeftPara
                 max_decode_len: int = 64, num_beams: int = 4, length_penalty: float = 1.0):
   """Beam search as Hugging Face's `generate(num_beams=K, max_length=max_decode_len + 1)`.
 
-  The encoder runs once per example; its output is repeated for the K beams.
+  The encoder runs once per example, and so do the cross-attention keys/values.
   Returns (sequences `[batch, num_beams, max_decode_len]` best first, scores `[batch, num_beams]`
   = sum of log-probs / generated_length ** length_penalty).
   """
   cfg = model.config
   batch = encoder_input_tokens.shape[0]
   k = num_beams
-  encoded = jnp.repeat(model.apply({"params": params}, encoder_input_tokens, peft,
-                                   method=T5.encode), k, axis=0)
-  enc_tokens = jnp.repeat(encoder_input_tokens, k, axis=0)
-  peft = peft.repeat(k) if peft is not None else None
+  encoded = model.apply({"params": params}, encoder_input_tokens, peft, method=T5.encode)
+  # The start token once per example (every beam begins the same): its log-probs and cache are
+  # repeated for the K beams, its cross-attention keys/values are not (the attention reads the
+  # K beams of an example as that example's queries).
   # One slot more than generated: the loop feeds its last token too (and discards the result).
-  log_probs, cache, step = _first_step(model, params, enc_tokens, encoded, peft, batch * k,
-                                       max_decode_len + 1)
+  cache = _empty_cache(model, batch, encoder_input_tokens.shape[1], max_decode_len + 1, peft)
+  start = jnp.full((batch,), cfg.decoder_start_id, jnp.int32)
+  log_probs, cache, cross_kv = _decode_step(model, params, cache, None, encoded,
+                                            encoder_input_tokens, start, peft)
+  rows = jnp.repeat(jnp.arange(batch), k)
+  cache = beam_search_lib.gather_cache(cache, rows, cfg.scan_layers)
+  encoded, enc_tokens = jnp.repeat(encoded, k, axis=0), jnp.repeat(encoder_input_tokens, k, axis=0)
+  peft = peft.repeat(k) if peft is not None else None
+
+  def step(cache, tokens, i):
+    del i  # the cache counts positions
+    log_probs, cache, _ = _decode_step(model, params, cache, cross_kv, encoded, enc_tokens, tokens,
+                                       peft)
+    return log_probs, cache
+
   return beam_search_lib.beam_search_loop(
-      lambda cache, tokens, i: step(cache, tokens), log_probs, cache, batch=batch, num_beams=k,
-      max_decode_len=max_decode_len, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
-      length_penalty=length_penalty, scan_layers=cfg.scan_layers)
+      step, log_probs[rows], cache, batch=batch, num_beams=k, max_decode_len=max_decode_len,
+      eos_id=cfg.eos_id, pad_id=cfg.pad_id, length_penalty=length_penalty,
+      scan_layers=cfg.scan_layers)
 
 
 def token_log_likelihood(model: T5, params, encoder_input_tokens, decoder_input_tokens,

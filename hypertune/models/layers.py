@@ -218,11 +218,21 @@ class Attention(nn.Module):
       bias = jnp.pad(bias, [(0, 0), (0, 0), (0, 0), (p, 0)])
       mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (p,), bool), mask], axis=-1)
 
+    # Beam search keeps one copy of the cross-attention keys/values per example: the `group`
+    # adjacent rows (beams) of an example are read as that example's queries.
+    batch, group = q.shape[0], q.shape[0] // key.shape[0]
+    if group > 1:
+      q = q.reshape((key.shape[0], group * q.shape[1]) + q.shape[2:])
+      mask = mask[::group]  # the same encoder mask for every beam, one query row
     logits = add_position_bias(dot("bqhk,bhks->bhqs", q, key, dt, jnp.float32), bias)
     logits = jnp.where(mask, logits, NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1)
     weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
     out = dot("bhqs,bhsk->bhqk", weights, value, dt)  # [batch, heads, q, kv]
+    if group > 1:
+      b, h_, gq, d = out.shape
+      out = out.reshape(b, h_, group, gq // group, d).transpose(0, 2, 1, 3, 4).reshape(
+          batch, h_, gq // group, d)
     if "o" in lora:
       lo = lora["o"]
       flat = jnp.swapaxes(out, 1, 2).reshape(out.shape[0], out.shape[2], -1)
