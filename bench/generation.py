@@ -26,6 +26,7 @@ Run (from the repository root):
 
     .venv/bin/python bench/generation.py                 # t5-small shape, batch 16, 256 -> 64
     .venv/bin/python bench/generation.py --repeats 3
+    .venv/bin/python bench/generation.py --repeats 3 --no_scan_layers
     .venv/bin/python bench/generation.py --quick         # tiny size, a few tokens, seconds
     .venv/bin/python bench/generation.py --size large --dtype bfloat16 --skip_torch \\
         --peak_flops 989e12
@@ -56,6 +57,9 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=1, help="timed calls per framework and mode")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--torch_threads", type=int, default=2, help="torch.set_num_threads")
+  p.add_argument("--no_scan_layers", action="store_true",
+                 help="unroll hypertune's layers (a scanned decoder slices every layer's weights "
+                      "and caches at every step on XLA:CPU)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="hypertune compute dtype (transformers always runs float32)")
   p.add_argument("--skip_torch", action="store_true",
@@ -210,7 +214,7 @@ def main(argv=None):
 
   # EOS = an id outside the vocabulary: never emitted, so every row decodes full length.
   config = t5_config(args.size, vocab_size=args.vocab, dropout_rate=0.0, eos_id=args.vocab,
-                     dtype=args.dtype)
+                     dtype=args.dtype, scan_layers=not args.no_scan_layers)
   enc = make_inputs(args, args.seed)
   expected = args.batch * args.new_tokens
   print(f"T5 {args.size}: d_model={config.d_model} d_ff={config.d_ff} heads={config.num_heads} "
