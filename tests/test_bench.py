@@ -44,6 +44,15 @@ def test_t5_step_benchmark_at_tiny_size():
   assert re.search(r"% of the measured matmul peak [0-9.]+ GFLOP/s", out.stdout), out.stdout
 
 
+def test_xla_cpu_ops_benchmark_quick():
+  """Each pair of ways computes the same thing (the script checks) and every row is printed."""
+  out = subprocess.run([sys.executable, "bench/xla_cpu_ops.py", "--quick"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert len(re.findall(r" ms", out.stdout)) == 7, out.stdout
+  assert "x.T @ g (2-D, layers.dot)" in out.stdout and "ones @ g" in out.stdout
+
+
 def test_generation_benchmark_quick():
   """Both decoders run at tiny size, decode every requested token and agree on them."""
   pytest.importorskip("transformers")

@@ -65,24 +65,27 @@ def greedy_decode(model: T5, params, encoder_input_tokens, peft: Optional[PeftPa
   cfg = model.config
   batch = encoder_input_tokens.shape[0]
   encoded = model.apply({"params": params}, encoder_input_tokens, peft, method=T5.encode)
-  # One slot more than generated: the loop feeds its last token too (and discards the result).
   log_probs, cache, step = _first_step(model, params, encoder_input_tokens, encoded, peft, batch,
-                                       max_decode_len + 1)
+                                       max_decode_len)
+
+  def emit(i, log_probs, out, done):
+    token = jnp.where(done, cfg.pad_id, jnp.argmax(log_probs, axis=-1).astype(jnp.int32))
+    return token, out.at[:, i].set(token), done | (token == cfg.eos_id)
 
   def cond(state):
     i, _, _, _, done = state
-    return (i < max_decode_len) & ~jnp.all(done)
+    return (i < max_decode_len - 1) & ~jnp.all(done)
 
   def body(state):
     i, log_probs, out, cache, done = state
-    token = jnp.where(done, cfg.pad_id, jnp.argmax(log_probs, axis=-1).astype(jnp.int32))
-    out = out.at[:, i].set(token)
+    token, out, done = emit(i, log_probs, out, done)
     log_probs, cache = step(cache, token)
-    return i + 1, log_probs, out, cache, done | (token == cfg.eos_id)
+    return i + 1, log_probs, out, cache, done
 
   state = (jnp.array(0), log_probs, jnp.full((batch, max_decode_len), cfg.pad_id, jnp.int32),
            cache, jnp.zeros((batch,), bool))
-  return jax.lax.while_loop(cond, body, state)[2]
+  i, log_probs, out, _, done = jax.lax.while_loop(cond, body, state)
+  return emit(i, log_probs, out, done)[1]  # the last token is not fed back
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_len", "num_beams",

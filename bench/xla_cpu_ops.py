@@ -1,0 +1,103 @@
+"""The XLA:CPU behaviours `hypertune.models.layers` is shaped around, each as two ways of computing
+the same thing, timed in one run (best of `--repeats`, after one untimed call):
+
+1. weight gradient of a dense projection: `einsum("btd,btf->df")` (two contracting axes, what
+   autodiff of a 3-D einsum gives) against the 2-D `x.T @ g` (`layers.dot`'s dense path), with
+   the gradient `g` produced by an elementwise op, as a GELU backward produces it;
+2. the position-bias gradient: a sum over the leading (batch) axis of `[batch, heads, q, k]`
+   against a matmul with ones (`layers.add_position_bias`);
+3. bfloat16 matmuls: the forward form `[m, k] @ [k, n]` against the backward forms `g @ w.T` and
+   `x.T @ g` (XLA:CPU converts the latter to float32; nothing in the model changes this).
+
+Run (from the repository root):
+
+    .venv/bin/python bench/xla_cpu_ops.py
+    .venv/bin/python bench/xla_cpu_ops.py --quick      # small shapes, seconds (CI)
+"""
+import argparse
+import sys
+import time
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="small shapes: checks only that it runs")
+  p.add_argument("--repeats", type=int, default=5)
+  args = p.parse_args(argv)
+  # t5-small's encoder: batch 8 x 256 tokens, d_model 512, d_ff 1024, 6 heads.
+  args.batch, args.length, args.d_model, args.d_ff, args.heads = 8, 256, 512, 1024, 6
+  if args.quick:
+    args.batch, args.length, args.d_model, args.d_ff, args.heads, args.repeats = 2, 16, 32, 64, 2, 1
+  return args
+
+
+def best_seconds(fn, *inputs, repeats):
+  import jax
+  jax.block_until_ready(fn(*inputs))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*inputs))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), 8))
+  b, t, d, f, h = args.batch, args.length, args.d_model, args.d_ff, args.heads
+  rows = []
+
+  def compare(what, flops, ways, inputs):
+    results = {name: jax.jit(fn) for name, fn in ways.items()}
+    outputs = [np.asarray(fn(*inputs), np.float32) for fn in results.values()]
+    for out in outputs[1:]:  # the two ways compute the same thing
+      np.testing.assert_allclose(out, outputs[0], rtol=2e-2, atol=2e-2 * np.abs(outputs[0]).max())
+    for name, fn in results.items():
+      s = best_seconds(fn, *inputs, repeats=args.repeats)
+      rate = f"{flops / s / 1e9:7.1f} GFLOP/s" if flops else ""
+      rows.append(f"{what:28s} {name:34s} {s * 1e3:9.3f} ms {rate}")
+
+  # 1. Weight gradient: g comes from an elementwise op of two activations.
+  x = jax.random.normal(next(keys), (b, t, d))
+  a, c = (jax.random.normal(next(keys), (b, t, f)) for _ in range(2))
+  grad_out = lambda a, c: a * jnp.tanh(c)  # noqa: E731
+  compare("weight gradient", 2 * b * t * d * f, {
+      "einsum btd,btf->df (3-D)": lambda x, a, c: jnp.einsum("btd,btf->df", x, grad_out(a, c)),
+      "x.T @ g (2-D, layers.dot)": lambda x, a, c: (
+          x.reshape(-1, d).T @ grad_out(a, c).reshape(-1, f)),
+  }, (x, a, c))
+
+  # 2. Position-bias gradient: sum over the batch.
+  g = jax.random.normal(next(keys), (b, h, t, t))
+  compare("bias gradient (batch sum)", 0, {
+      "jnp.sum(axis=0)": lambda g: jnp.sum(g, axis=0),
+      "ones @ g (add_position_bias)": lambda g: (
+          jnp.ones((1, b)) @ g.reshape(b, -1)).reshape(g.shape[1:]),
+  }, (g,))
+
+  # 3. bfloat16 matmul forms.
+  bf = jnp.bfloat16
+  xb = jax.random.normal(next(keys), (b * t, d)).astype(bf)
+  wb = jax.random.normal(next(keys), (d, f)).astype(bf)
+  gb = jax.random.normal(next(keys), (b * t, f)).astype(bf)
+  mm = lambda p, q: jnp.matmul(p, q, preferred_element_type=jnp.float32)  # noqa: E731
+  for name, fn, inputs in [("x @ w (forward)", mm, (xb, wb)),
+                           ("g @ w.T (input gradient)", lambda g, w: mm(g, w.T), (gb, wb)),
+                           ("x.T @ g (weight gradient)", lambda x, g: mm(x.T, g), (xb, gb))]:
+    s = best_seconds(jax.jit(fn), *inputs, repeats=args.repeats)
+    rows.append(f"{'bfloat16 matmul':28s} {name:34s} {s * 1e3:9.3f} ms "
+                f"{2 * b * t * d * f / s / 1e9:7.1f} GFLOP/s")
+
+  print(f"jax {jax.__version__}, {jax.devices()[0].platform}; batch {b}, length {t}, d_model {d}, "
+        f"d_ff {f}, heads {h}; best of {args.repeats}")
+  print("\n".join(rows))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
