@@ -29,6 +29,7 @@ Run (from the repository root):
     .venv/bin/python bench/t5_step.py --quick              # tiny size, seconds (CI)
     .venv/bin/python bench/t5_step.py --repeats 3 --steps 5
     .venv/bin/python bench/t5_step.py --dtype bfloat16
+    .venv/bin/python bench/t5_step.py --skip_torch --profile /tmp/t5_step_trace
     .venv/bin/python bench/t5_step.py --no_scan_layers --xla_flags=--xla_cpu_enable_fast_math=true
     .venv/bin/python bench/t5_step.py --size base --dtype bfloat16 --skip_torch --peak_flops 989e12
 
@@ -80,6 +81,9 @@ def parse_args(argv=None):
   p.add_argument("--skip_jax", action="store_true")
   p.add_argument("--matmul_peak_n", type=int, default=2048,
                  help="side of the matmul that measures the machine's float32 peak (0: skip)")
+  p.add_argument("--profile", default="",
+                 help="after timing, write a jax.profiler trace of one hypertune step to this "
+                      "directory (TensorBoard / xprof)")
   p.add_argument("--peak_flops", type=float, default=0.0,
                  help="the device's peak FLOP/s (e.g. 989e12: H100 / H200 dense bfloat16); "
                       "> 0 prints hypertune's model FLOPs utilisation")
@@ -305,6 +309,13 @@ def main(argv=None):
       times[name].append(b.run(args.steps))
       print(f"  repeat {r + 1}/{args.repeats} {name:9s}: {times[name][-1] / args.steps:.3f} s/step",
             flush=True)
+
+  if args.profile and "hypertune" in benches:
+    import jax
+    jax.profiler.start_trace(args.profile)
+    benches["hypertune"].run(1)
+    jax.profiler.stop_trace()
+    print(f"  profile of one hypertune step: {args.profile}", flush=True)
 
   print()
   print(f"{'':10s} {'tokens/s (median)':>18s} {'min-max':>15s} {'s/step':>8s} "
