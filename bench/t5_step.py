@@ -28,7 +28,7 @@ Run (from the repository root):
     .venv/bin/python bench/t5_step.py                      # t5-small shape, batch 8, 256/64
     .venv/bin/python bench/t5_step.py --quick              # tiny size, seconds (CI)
     .venv/bin/python bench/t5_step.py --repeats 3 --steps 5
-    .venv/bin/python bench/t5_step.py --dtype bfloat16
+    .venv/bin/python bench/t5_step.py --dtype bfloat16 --bf16_transposed_copies
     .venv/bin/python bench/t5_step.py --skip_torch --profile /tmp/t5_step_trace
     .venv/bin/python bench/t5_step.py --no_scan_layers --xla_flags=--xla_cpu_enable_fast_math=true
     .venv/bin/python bench/t5_step.py --size base --dtype bfloat16 --skip_torch --peak_flops 989e12
@@ -68,6 +68,8 @@ def parse_args(argv=None):
   p.add_argument("--scan_unroll", type=int, default=1,
                  help="layers per iteration of the scanned loop (T5Config.scan_unroll)")
   p.add_argument("--remat", action="store_true", help="rematerialise hypertune's layers")
+  p.add_argument("--bf16_transposed_copies", action="store_true",
+                 help="with --dtype bfloat16: T5Config.bf16_transposed_copies (the CPU switch)")
   p.add_argument("--loss", default="optax", choices=["optax", "logsoftmax"],
                  help="JAX cross-entropy: optax.softmax_cross_entropy_with_integer_labels or "
                       "log_softmax + take_along_axis")
@@ -259,7 +261,8 @@ def main(argv=None):
 
   config = t5_config(args.size, vocab_size=args.vocab, dtype=args.dtype,
                      scan_layers=not args.no_scan_layers, scan_unroll=args.scan_unroll,
-                     remat=args.remat, dropout_rate=0.0)
+                     remat=args.remat, bf16_transposed_copies=args.bf16_transposed_copies,
+                     dropout_rate=0.0)
   batch = make_batch(args, args.seed)
   tokens_per_step = args.batch * (args.inputs_len + args.targets_len)
   print(f"T5 {args.size}: d_model={config.d_model} d_ff={config.d_ff} heads={config.num_heads} "
@@ -268,6 +271,7 @@ def main(argv=None):
         f"| {os.cpu_count()} CPUs", flush=True)
   print(f"hypertune: dtype={config.dtype} scan_layers={config.scan_layers} "
         f"scan_unroll={config.scan_unroll} remat={config.remat} "
+        f"bf16_transposed_copies={config.bf16_transposed_copies} "
         f"loss={args.loss} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
   benches = {}

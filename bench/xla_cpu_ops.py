@@ -4,7 +4,8 @@ ways of computing the same thing in one run (best of `--repeats`, after one unti
 1. the position-bias gradient: a sum over the leading (batch) axis of `[batch, heads, q, k]`
    against a matmul with ones (`layers.add_position_bias`);
 2. bfloat16 matmuls: the forward form `[m, k] @ [k, n]` against the backward forms `g @ w.T` and
-   `x.T @ g` (XLA:CPU converts the latter to float32; nothing in the model changes this).
+   `x.T @ g`, which XLA:CPU converts to float32, and the same two reading row-major copies of the
+   transposed operand (`T5Config.bf16_transposed_copies`), which it multiplies in bf16.
 
 (The third, the transposed activation copies of a 3-D einsum's weight gradient, shows only inside
 the differentiated, scanned model: `bench/t5_step.py --profile DIR` writes a trace of its step.)
@@ -47,6 +48,7 @@ def main(argv=None):
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from hypertune.models import layers
 
   keys = iter(jax.random.split(jax.random.PRNGKey(0), 8))
   b, t, d, f, h = args.batch, args.length, args.d_model, args.d_ff, args.heads
@@ -76,9 +78,13 @@ def main(argv=None):
   wb = jax.random.normal(next(keys), (d, f)).astype(bf)
   gb = jax.random.normal(next(keys), (b * t, f)).astype(bf)
   mm = lambda p, q: jnp.matmul(p, q, preferred_element_type=jnp.float32)  # noqa: E731
-  for name, fn, inputs in [("x @ w (forward)", mm, (xb, wb)),
-                           ("g @ w.T (input gradient)", lambda g, w: mm(g, w.T), (gb, wb)),
-                           ("x.T @ g (weight gradient)", lambda x, g: mm(x.T, g), (xb, gb))]:
+  copy_t = layers._row_major_transpose
+  for name, fn, inputs in [
+      ("x @ w (forward)", mm, (xb, wb)),
+      ("g @ w.T (input gradient)", lambda g, w: mm(g, w.T), (gb, wb)),
+      ("g @ copy(w.T)", lambda g, w: mm(g, copy_t(w)), (gb, wb)),
+      ("x.T @ g (weight gradient)", lambda x, g: mm(x.T, g), (xb, gb)),
+      ("copy(x.T) @ g", lambda x, g: mm(copy_t(x), g), (xb, gb))]:
     s = best_seconds(jax.jit(fn), *inputs, repeats=args.repeats)
     rows.append(f"{'bfloat16 matmul':28s} {name:34s} {s * 1e3:9.3f} ms "
                 f"{2 * b * t * d * f / s / 1e9:7.1f} GFLOP/s")

@@ -283,6 +283,31 @@ def test_bfloat16_model_multiplies_in_bfloat16(model_and_params):
     assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2, eqn
 
 
+def test_bf16_transposed_copies_keep_the_gradients(model_and_params):
+  """With `bf16_transposed_copies` a bf16 T5 computes the same logits and the same gradients (bf16
+  rounding apart), and the backward of every dense projection multiplies two row-major copies
+  (each behind an optimization barrier), not transposed operands."""
+  model, params = model_and_params
+  loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, ENC, DEC) ** 2)  # noqa: E731
+  plain = T5(CFG.replace(dtype="bfloat16"))
+  copies = T5(CFG.replace(dtype="bfloat16", bf16_transposed_copies=True))
+  np.testing.assert_array_equal(logits(copies, params), logits(plain, params))
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(copies))(params)),
+                  jax.tree.leaves(jax.grad(loss(plain))(params))):
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02 * np.abs(b).max())
+
+  def count(jaxpr, name):
+    return (sum(eqn.primitive.name == name for eqn in jaxpr.eqns) +
+            sum(count(sub, name) for sub in jax.extend.core.subjaxprs(jaxpr)))
+
+  # the scanned layer bodies: 4 attention projections and 3 MLP matmuls (encoder), 8 + 3
+  # (decoder); the logits
+  dense = 7 + 11 + 1
+  grad_jaxpr = lambda m: jax.make_jaxpr(jax.grad(loss(m)))(params).jaxpr  # noqa: E731
+  assert count(grad_jaxpr(copies), "optimization_barrier") == 2 * dense
+  assert count(grad_jaxpr(plain), "optimization_barrier") == 0
+
+
 def test_scan_unroll_keeps_parameters_logits_and_decoding(model_and_params):
   """scan_unroll=2 (3 decoder layers: one full iteration and a remainder) reads the same stacked
   parameters and computes the same logits, gradients and greedy decode."""

@@ -42,6 +42,10 @@ class T5Config:
   # XLA:CPU 2 takes back about half of the loop's cost against unrolled layers
   # (bench/t5_step.py --scan_unroll, docs/performance.md).
   scan_unroll: int = 1
+  # bfloat16 on CPU: the backward matmuls of the dense projections read row-major copies of their
+  # transposed operands, which XLA:CPU multiplies natively in bf16 (else in float32, at about
+  # half the speed; bench/xla_cpu_ops.py). GPUs and TPUs need no copies: leave it off there.
+  bf16_transposed_copies: bool = False
   remat: bool = False  # rematerialise each layer in the backward pass (saves memory)
   pad_id: int = 0
   eos_id: int = 1

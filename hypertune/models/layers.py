@@ -20,7 +20,7 @@ from hypertune.models.config import T5Config
 NEG_INF = -1e10  # added to masked attention logits (finite, so fully masked rows stay finite)
 
 
-def dot(spec: str, x, w, dtype, result_dtype=None):
+def dot(spec: str, x, w, dtype, result_dtype=None, transposed_copies: bool = False):
   """einsum of operands cast to the compute `dtype`, with float32 accumulation, the result cast
   to `result_dtype` (default: `dtype`; float32 where a softmax or GELU follows). A frozen weight
   stored quantised (`quantization.QuantizedWeight`) is dequantised in the matmul.
@@ -30,6 +30,9 @@ def dot(spec: str, x, w, dtype, result_dtype=None):
   one contracting axis, which XLA:CPU runs without the transposed copies of the activations it
   builds for several contracting axes (about 1 s of a 4.7 s scanned t5-small step in a profile of
   bench/t5_step.py; docs/performance.md). The reshapes are free on every backend.
+
+  `transposed_copies` (bfloat16 dense projections; `T5Config.bf16_transposed_copies`): the
+  backward's two matmuls read copies of their transposed operands (see `_matmul_bf16_backward`).
   """
   result_dtype = dtype if result_dtype is None else result_dtype
   if quantization.is_quantized(w):
@@ -40,9 +43,45 @@ def dot(spec: str, x, w, dtype, result_dtype=None):
     return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(result_dtype)
   lead, contracted = x.shape[:x.ndim - dense], x.shape[x.ndim - dense:]
   out = w.shape[dense:]
-  y = jnp.matmul(x.reshape(-1, math.prod(contracted)), w.reshape(math.prod(contracted), -1),
-                 preferred_element_type=jnp.float32)
+  x, w = x.reshape(-1, math.prod(contracted)), w.reshape(math.prod(contracted), -1)
+  if transposed_copies and dtype == jnp.bfloat16:
+    y = _matmul_bf16_backward(x, w)
+  else:
+    y = jnp.matmul(x, w, preferred_element_type=jnp.float32)
   return y.reshape(lead + out).astype(result_dtype)
+
+
+@jax.custom_vjp
+def _matmul_bf16_backward(x, w):
+  """`x @ w` for bfloat16 `x [m, k]`, `w [k, n]`, float32 result, whose backward multiplies
+  `g @ w.T` and `x.T @ g` with bfloat16 operands `[m, n] @ [n, k]`, `[k, m] @ [m, n]` copied
+  into row-major order. XLA:CPU runs a bf16 matmul natively only in that form; for a transposed
+  operand it converts both operands to float32 and runs at about half the speed
+  (bench/xla_cpu_ops.py). GPUs and TPUs read transposed operands natively: they need no copies."""
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
+def _matmul_bf16_backward_fwd(x, w):
+  return _matmul_bf16_backward(x, w), (x, w)
+
+
+def _matmul_bf16_backward_bwd(residuals, g):
+  x, w = residuals
+  g = g.astype(x.dtype)  # bf16 gradients into the matmuls, as PyTorch's autocast
+  dx = jnp.matmul(g, _row_major_transpose(w), preferred_element_type=jnp.float32)
+  dw = jnp.matmul(_row_major_transpose(x), g, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul_bf16_backward.defvjp(_matmul_bf16_backward_fwd, _matmul_bf16_backward_bwd)
+
+
+def _row_major_transpose(a):
+  """`a.T` `[n, m]` as a row-major copy. XLA would otherwise give the transpose a column-major
+  layout (no copy) that the matmul reads transposed: a 1-D array has one layout only, and the
+  barrier keeps the reshapes from cancelling."""
+  t = a.T
+  return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,7 +219,7 @@ class Attention(nn.Module):
     Returns `[batch, q_len, d_model]`.
     """
     cfg = self.config
-    dt = cfg.compute_dtype
+    dt, copies = cfg.compute_dtype, cfg.bf16_transposed_copies
     lora = lora or {}
     h, dk = cfg.num_heads, cfg.d_kv
     init_q = nn.initializers.normal((cfg.d_model * dk)**-0.5)
@@ -192,7 +231,7 @@ class Attention(nn.Module):
     wo = param_with_axes(self, "out", init_o, (h, dk, cfg.d_model), ("heads", "kv", "embed"))
 
     def project(x, w, name):
-      y = dot("btd,dhk->bthk", x, w, dt)
+      y = dot("btd,dhk->bthk", x, w, dt, transposed_copies=copies)
       if name in lora:  # per-example low-rank delta: scale * up_b @ down_b @ x
         lo = lora[name]
         delta = dot("btd,brd->btr", x, lo.down, dt)
@@ -241,7 +280,7 @@ class Attention(nn.Module):
       delta = dot("bor,bmr->bom", delta, lo.up, dt) * lo.scale
     else:
       delta = 0.0
-    y = dot("bqhk,hkd->bqd", jnp.swapaxes(out, 1, 2), wo, dt) + delta
+    y = dot("bqhk,hkd->bqd", jnp.swapaxes(out, 1, 2), wo, dt, transposed_copies=copies) + delta
     return nn.with_logical_constraint(y.astype(dt), ("batch", "length", "embed"))
 
   def _update_cache(self, key, value, mask):
@@ -304,20 +343,21 @@ class FeedForward(nn.Module):
     """x `[batch, length, d_model]` (already normed); adapter down/up `[batch, b, d]`/`[batch, d, b]`."""
     cfg = self.config
     dt = cfg.compute_dtype
+    dense = functools.partial(dot, transposed_copies=cfg.bf16_transposed_copies)
     init_in = nn.initializers.normal(cfg.d_model**-0.5)
     init_out = nn.initializers.normal(cfg.d_ff**-0.5)
     if cfg.mlp_activation == "gated-gelu":
       wi_0 = param_with_axes(self, "wi_0", init_in, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
       wi_1 = param_with_axes(self, "wi_1", init_in, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
-      hidden = (jax.nn.gelu(dot("btd,df->btf", x, wi_0, dt, jnp.float32), approximate=True) *
-                dot("btd,df->btf", x, wi_1, dt, jnp.float32)).astype(dt)
+      hidden = (jax.nn.gelu(dense("btd,df->btf", x, wi_0, dt, jnp.float32), approximate=True) *
+                dense("btd,df->btf", x, wi_1, dt, jnp.float32)).astype(dt)
     else:
       wi = param_with_axes(self, "wi", init_in, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
-      hidden = jax.nn.relu(dot("btd,df->btf", x, wi, dt))
+      hidden = jax.nn.relu(dense("btd,df->btf", x, wi, dt))
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
     wo = param_with_axes(self, "wo", init_out, (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
-    y = dot("btf,fd->btd", hidden, wo, dt)
+    y = dense("btf,fd->btd", hidden, wo, dt)
     if adapter is not None:
       a = jax.nn.gelu(dot("btd,bad->bta", x, adapter.down, dt, jnp.float32), approximate=False)
       y = y + dot("bta,bda->btd", a, adapter.up, dt)

@@ -233,4 +233,5 @@ class LogitsDense(nn.Module):
     cfg = self.config
     kernel = param_with_axes(self, "kernel", nn.initializers.normal(cfg.d_model**-0.5),
                              (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
-    return dot("btd,dv->btv", y, kernel, cfg.compute_dtype, jnp.float32)
+    return dot("btd,dv->btv", y, kernel, cfg.compute_dtype, jnp.float32,
+               transposed_copies=cfg.bf16_transposed_copies)
