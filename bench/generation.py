@@ -27,6 +27,7 @@ Run (from the repository root):
     .venv/bin/python bench/generation.py                 # t5-small shape, batch 16, 256 -> 64
     .venv/bin/python bench/generation.py --repeats 3
     .venv/bin/python bench/generation.py --repeats 3 --no_scan_layers
+    .venv/bin/python bench/generation.py --repeats 3 --unrolled_decoding
     .venv/bin/python bench/generation.py --quick         # tiny size, a few tokens, seconds
     .venv/bin/python bench/generation.py --size large --dtype bfloat16 --skip_torch \\
         --peak_flops 989e12
@@ -60,6 +61,9 @@ def parse_args(argv=None):
   p.add_argument("--no_scan_layers", action="store_true",
                  help="unroll hypertune's layers (a scanned decoder slices every layer's weights "
                       "and caches at every step on XLA:CPU)")
+  p.add_argument("--unrolled_decoding", action="store_true",
+                 help="T5Config.unrolled_decoding: scanned layers, decoded unrolled from one "
+                      "unstacked copy of the decoder's parameters")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="hypertune compute dtype (transformers always runs float32)")
   p.add_argument("--skip_torch", action="store_true",
@@ -214,7 +218,8 @@ def main(argv=None):
 
   # EOS = an id outside the vocabulary: never emitted, so every row decodes full length.
   config = t5_config(args.size, vocab_size=args.vocab, dropout_rate=0.0, eos_id=args.vocab,
-                     dtype=args.dtype, scan_layers=not args.no_scan_layers)
+                     dtype=args.dtype, scan_layers=not args.no_scan_layers,
+                     unrolled_decoding=args.unrolled_decoding)
   enc = make_inputs(args, args.seed)
   expected = args.batch * args.new_tokens
   print(f"T5 {args.size}: d_model={config.d_model} d_ff={config.d_ff} heads={config.num_heads} "
@@ -225,7 +230,8 @@ def main(argv=None):
 
   jb = JaxBench(args, config, enc)
   print(f"hypertune:    {jb.num_params / 1e6:.1f}M params, init {jb.init_s:.1f}s, "
-        f"dtype={config.dtype} scan_layers={config.scan_layers}", flush=True)
+        f"dtype={config.dtype} scan_layers={config.scan_layers} "
+        f"unrolled_decoding={config.unrolled_decoding}", flush=True)
   benches = {"hypertune": jb}
   if not args.skip_torch:
     import torch

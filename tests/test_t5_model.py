@@ -7,6 +7,7 @@ import pytest
 from flax.core import meta
 
 from hypertune.models import decoding, hf_convert, layers
+from hypertune.models import t5 as t5_lib
 from hypertune.models.config import t5_config
 from hypertune.models.layers import Attention
 from hypertune.models.peft import Adapter, LoRA, PeftParams, PeftShapeError, Prefix
@@ -49,6 +50,12 @@ def full_peft(batch=B, seed=0, prefix_len=3, rank=2, bottleneck=5, memory_len=2)
   return PeftParams(prefixes=prefixes, lora=lora, adapters=adapters,
                     extra_memory=rand(400, (batch, memory_len, d)),
                     extra_memory_mask=jnp.ones((batch, memory_len), bool).at[0, 1].set(False))
+
+
+def count_primitive(jaxpr, name: str) -> int:
+  """How many equations of primitive `name` a jaxpr holds, sub-jaxprs (scan, while, jit) included."""
+  return (sum(eqn.primitive.name == name for eqn in jaxpr.eqns) +
+          sum(count_primitive(sub, name) for sub in jax.extend.core.subjaxprs(jaxpr)))
 
 
 def logits(model, params, peft=None, enc=ENC, dec=DEC):
@@ -187,6 +194,28 @@ def test_beam_search_best_is_at_least_greedy(model_and_params):
   np.testing.assert_allclose(scores[:, 0], normalized_score(seqs[:, 0]), atol=1e-4)
 
 
+def test_unrolled_decoding_of_a_scanned_model_decodes_the_same(model_and_params):
+  """`unrolled_decoding` reads the same stacked parameters (unstacked once) and decodes the same
+  greedy tokens and beams, with every kind of PEFT."""
+  model, params = model_and_params
+  unrolled = T5(CFG.replace(unrolled_decoding=True))
+  peft, enc = full_peft(), jnp.asarray(ENC)
+  np.testing.assert_array_equal(
+      decoding.greedy_decode(unrolled, params, enc, peft, max_decode_len=6),
+      decoding.greedy_decode(model, params, enc, peft, max_decode_len=6))
+  for got, want in zip(decoding.beam_search(unrolled, params, enc, peft, max_decode_len=5,
+                                            num_beams=3),
+                       decoding.beam_search(model, params, enc, peft, max_decode_len=5,
+                                            num_beams=3)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  scans = lambda m: count_primitive(jax.make_jaxpr(  # noqa: E731
+      lambda p: decoding.greedy_decode(m, p, enc, max_decode_len=3))(params).jaxpr, "scan")
+  assert scans(unrolled) == 1 and scans(model) == 3  # the encoder's; + first step, loop body
+  unstacked = t5_lib.unstack_decoder_layers(params)["decoder"]
+  assert "layers" not in unstacked and unstacked["layers_2"]["mlp"]["wo"].shape == (
+      CFG.d_ff, CFG.d_model)
+
+
 def test_token_log_likelihood_sum_and_mean(model_and_params):
   model, params = model_and_params
   targets = np.array([[3, 4, 5, 1], [6, 7, 1, 0]])
@@ -296,16 +325,12 @@ def test_bf16_transposed_copies_keep_the_gradients(model_and_params):
                   jax.tree.leaves(jax.grad(loss(plain))(params))):
     np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02 * np.abs(b).max())
 
-  def count(jaxpr, name):
-    return (sum(eqn.primitive.name == name for eqn in jaxpr.eqns) +
-            sum(count(sub, name) for sub in jax.extend.core.subjaxprs(jaxpr)))
-
   # the scanned layer bodies: 4 attention projections and 3 MLP matmuls (encoder), 8 + 3
   # (decoder); the logits
   dense = 7 + 11 + 1
   grad_jaxpr = lambda m: jax.make_jaxpr(jax.grad(loss(m)))(params).jaxpr  # noqa: E731
-  assert count(grad_jaxpr(copies), "optimization_barrier") == 2 * dense
-  assert count(grad_jaxpr(plain), "optimization_barrier") == 0
+  assert count_primitive(grad_jaxpr(copies), "optimization_barrier") == 2 * dense
+  assert count_primitive(grad_jaxpr(plain), "optimization_barrier") == 0
 
 
 def test_scan_unroll_keeps_parameters_logits_and_decoding(model_and_params):

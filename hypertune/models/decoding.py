@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from hypertune.models import beam_search as beam_search_lib
 from hypertune.models.peft import PeftParams
-from hypertune.models.t5 import T5
+from hypertune.models.t5 import T5, unstack_decoder_layers
+
 
 def _empty_cache(model: T5, batch: int, enc_len: int, max_decode_len: int, peft=None):
   """Zero self-attention cache shaped by an init call over the full decode length (no compute:
@@ -40,22 +41,23 @@ def _decode_step(model: T5, params, cache, cross_kv, encoded, encoder_input_toke
   return log_probs, mutated["cache"], mutated.get("cross_kv", cross_kv)
 
 
-def _first_step(model: T5, params, encoder_input_tokens, encoded, peft, batch, cache_len):
-  """The decoder start token through an empty cache: (log-probs, cache, step) where `step(cache,
-  tokens) -> (log-probs, cache)` feeds one more token with the cross-attention keys/values
-  fixed."""
-  cfg = model.config
+def _first_step(model: T5, params, encoder_input_tokens, encoded, peft, cache_len):
+  """The decoder start token through an empty cache: (log-probs `[batch, vocab]`, cache,
+  cross_kv), the cross-attention keys/values that later steps read as constants."""
+  batch = encoder_input_tokens.shape[0]
   cache = _empty_cache(model, batch, encoder_input_tokens.shape[1], cache_len, peft)
-  start = jnp.full((batch,), cfg.decoder_start_id, jnp.int32)
-  log_probs, cache, cross_kv = _decode_step(model, params, cache, None, encoded,
-                                            encoder_input_tokens, start, peft)
+  start = jnp.full((batch,), model.config.decoder_start_id, jnp.int32)
+  return _decode_step(model, params, cache, None, encoded, encoder_input_tokens, start, peft)
 
-  def step(cache, tokens):
-    log_probs, cache, _ = _decode_step(model, params, cache, cross_kv, encoded,
-                                       encoder_input_tokens, tokens, peft)
-    return log_probs, cache
 
-  return log_probs, cache, step
+def _decoding_model(model: T5, params):
+  """The model and parameters the decoding steps run: as given, or with `unrolled_decoding` a
+  scanned decoder's layers unrolled over one unstacked copy of their parameters."""
+  cfg = model.config
+  if not (cfg.scan_layers and cfg.unrolled_decoding):
+    return model, params
+  return (model.clone(config=cfg.replace(scan_layers=False)),
+          unstack_decoder_layers(params))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_decode_len"))
@@ -65,8 +67,14 @@ def greedy_decode(model: T5, params, encoder_input_tokens, peft: Optional[PeftPa
   cfg = model.config
   batch = encoder_input_tokens.shape[0]
   encoded = model.apply({"params": params}, encoder_input_tokens, peft, method=T5.encode)
-  log_probs, cache, step = _first_step(model, params, encoder_input_tokens, encoded, peft, batch,
-                                       max_decode_len)
+  model, params = _decoding_model(model, params)
+  log_probs, cache, cross_kv = _first_step(model, params, encoder_input_tokens, encoded, peft,
+                                           max_decode_len)
+
+  def step(cache, tokens):
+    log_probs, cache, _ = _decode_step(model, params, cache, cross_kv, encoded,
+                                       encoder_input_tokens, tokens, peft)
+    return log_probs, cache
 
   def emit(i, log_probs, out, done):
     token = jnp.where(done, cfg.pad_id, jnp.argmax(log_probs, axis=-1).astype(jnp.int32))
@@ -102,16 +110,15 @@ def beam_search(model: T5, params, encoder_input_tokens, peft: Optional[PeftPara
   batch = encoder_input_tokens.shape[0]
   k = num_beams
   encoded = model.apply({"params": params}, encoder_input_tokens, peft, method=T5.encode)
+  model, params = _decoding_model(model, params)
   # The start token once per example (every beam begins the same): its log-probs and cache are
   # repeated for the K beams, its cross-attention keys/values are not (the attention reads the
   # K beams of an example as that example's queries).
   # One slot more than generated: the loop feeds its last token too (and discards the result).
-  cache = _empty_cache(model, batch, encoder_input_tokens.shape[1], max_decode_len + 1, peft)
-  start = jnp.full((batch,), cfg.decoder_start_id, jnp.int32)
-  log_probs, cache, cross_kv = _decode_step(model, params, cache, None, encoded,
-                                            encoder_input_tokens, start, peft)
+  log_probs, cache, cross_kv = _first_step(model, params, encoder_input_tokens, encoded, peft,
+                                           max_decode_len + 1)
   rows = jnp.repeat(jnp.arange(batch), k)
-  cache = beam_search_lib.gather_cache(cache, rows, cfg.scan_layers)
+  cache = beam_search_lib.gather_cache(cache, rows, model.config.scan_layers)
   encoded, enc_tokens = jnp.repeat(encoded, k, axis=0), jnp.repeat(encoder_input_tokens, k, axis=0)
   peft = peft.repeat(k) if peft is not None else None
 
@@ -124,7 +131,7 @@ def beam_search(model: T5, params, encoder_input_tokens, peft: Optional[PeftPara
   return beam_search_lib.beam_search_loop(
       step, log_probs[rows], cache, batch=batch, num_beams=k, max_decode_len=max_decode_len,
       eos_id=cfg.eos_id, pad_id=cfg.pad_id, length_penalty=length_penalty,
-      scan_layers=cfg.scan_layers)
+      scan_layers=model.config.scan_layers)
 
 
 def token_log_likelihood(model: T5, params, encoder_input_tokens, decoder_input_tokens,

@@ -90,6 +90,18 @@ def _stack_layers(module: nn.Module, layer_cls, num_layers: int, x, peft_by_laye
   return x
 
 
+def unstack_decoder_layers(params: dict) -> dict:
+  """A scanned T5's parameters with the decoder's layers unstacked: `decoder/layers` (leaves
+  `[layers, ...]`) -> `decoder/layers_0`, `decoder/layers_1`, ... as an unrolled decoder reads
+  them. Every other parameter is shared, not copied."""
+  decoder = dict(params["decoder"])
+  layers = decoder.pop("layers")
+  num_layers = jax.tree.leaves(layers)[0].shape[0]
+  for i in range(num_layers):
+    decoder[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], layers)
+  return {**params, "decoder": decoder}
+
+
 class Encoder(nn.Module):
   """T5 encoder stack over embedded inputs."""
   config: T5Config
