@@ -79,15 +79,16 @@ def main(argv=None):
   gb = jax.random.normal(next(keys), (b * t, f)).astype(bf)
   mm = lambda p, q: jnp.matmul(p, q, preferred_element_type=jnp.float32)  # noqa: E731
   copy_t = layers._row_major_transpose
-  for name, fn, inputs in [
-      ("x @ w (forward)", mm, (xb, wb)),
-      ("g @ w.T (input gradient)", lambda g, w: mm(g, w.T), (gb, wb)),
-      ("g @ copy(w.T)", lambda g, w: mm(g, copy_t(w)), (gb, wb)),
-      ("x.T @ g (weight gradient)", lambda x, g: mm(x.T, g), (xb, gb)),
-      ("copy(x.T) @ g", lambda x, g: mm(copy_t(x), g), (xb, gb))]:
-    s = best_seconds(jax.jit(fn), *inputs, repeats=args.repeats)
-    rows.append(f"{'bfloat16 matmul':28s} {name:34s} {s * 1e3:9.3f} ms "
-                f"{2 * b * t * d * f / s / 1e9:7.1f} GFLOP/s")
+  flops = 2 * b * t * d * f
+  compare("bf16 forward", flops, {"x @ w": mm}, (xb, wb))
+  compare("bf16 input gradient", flops, {
+      "g @ w.T": lambda g, w: mm(g, w.T),
+      "g @ copy(w.T) (transposed_copies)": lambda g, w: mm(g, copy_t(w)),
+  }, (gb, wb))
+  compare("bf16 weight gradient", flops, {
+      "x.T @ g": lambda x, g: mm(x.T, g),
+      "copy(x.T) @ g (transposed_copies)": lambda x, g: mm(copy_t(x), g),
+  }, (xb, gb))
 
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}; batch {b}, length {t}, d_model {d}, "
         f"d_ff {f}, heads {h}; best of {args.repeats}")
