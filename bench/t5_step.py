@@ -28,6 +28,7 @@ Run (from the repository root):
     .venv/bin/python bench/t5_step.py                      # t5-small shape, batch 8, 256/64
     .venv/bin/python bench/t5_step.py --quick              # tiny size, seconds (CI)
     .venv/bin/python bench/t5_step.py --repeats 3 --steps 5
+    .venv/bin/python bench/t5_step.py --remat --remat_policy dense   # scanned, fastest on CPU
     .venv/bin/python bench/t5_step.py --dtype bfloat16 --bf16_transposed_copies
     .venv/bin/python bench/t5_step.py --skip_torch --profile /tmp/t5_step_trace
     .venv/bin/python bench/t5_step.py --no_scan_layers --xla_flags=--xla_cpu_enable_fast_math=true
@@ -68,6 +69,8 @@ def parse_args(argv=None):
   p.add_argument("--scan_unroll", type=int, default=1,
                  help="layers per iteration of the scanned loop (T5Config.scan_unroll)")
   p.add_argument("--remat", action="store_true", help="rematerialise hypertune's layers")
+  p.add_argument("--remat_policy", default="full", choices=["full", "dense"],
+                 help="with --remat: T5Config.remat_policy (what a layer keeps)")
   p.add_argument("--bf16_transposed_copies", action="store_true",
                  help="with --dtype bfloat16: T5Config.bf16_transposed_copies (the CPU switch)")
   p.add_argument("--loss", default="optax", choices=["optax", "logsoftmax"],
@@ -261,7 +264,8 @@ def main(argv=None):
 
   config = t5_config(args.size, vocab_size=args.vocab, dtype=args.dtype,
                      scan_layers=not args.no_scan_layers, scan_unroll=args.scan_unroll,
-                     remat=args.remat, bf16_transposed_copies=args.bf16_transposed_copies,
+                     remat=args.remat, remat_policy=args.remat_policy,
+                     bf16_transposed_copies=args.bf16_transposed_copies,
                      dropout_rate=0.0)
   batch = make_batch(args, args.seed)
   tokens_per_step = args.batch * (args.inputs_len + args.targets_len)
@@ -270,7 +274,7 @@ def main(argv=None):
         f" | batch {args.batch} x ({args.inputs_len} + {args.targets_len}) tokens "
         f"| {os.cpu_count()} CPUs", flush=True)
   print(f"hypertune: dtype={config.dtype} scan_layers={config.scan_layers} "
-        f"scan_unroll={config.scan_unroll} remat={config.remat} "
+        f"scan_unroll={config.scan_unroll} remat={config.remat}/{config.remat_policy} "
         f"bf16_transposed_copies={config.bf16_transposed_copies} "
         f"loss={args.loss} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 

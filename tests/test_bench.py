@@ -34,8 +34,10 @@ def test_t5_step_benchmark_at_tiny_size(tmp_path):
   pytest.importorskip("transformers")
   out = subprocess.run(
       [sys.executable, "bench/t5_step.py", "--quick", "--peak_flops", "1e12", "--profile",
-       str(tmp_path / "trace")], cwd=REPO, capture_output=True, text=True, timeout=600)
+       str(tmp_path / "trace"), "--remat", "--remat_policy", "dense"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
+  assert "remat=True/dense" in out.stdout
   diff = float(re.search(r"\|diff\| ([0-9.e+-]+)", out.stdout).group(1))
   assert diff < 1e-4 and "ratio hypertune/pytorch" in out.stdout
   got = re.search(r"hypertune ([0-9.e+-]+) TFLOP/s; MFU ([0-9.e+-]+)% of 1 TFLOP/s peak",

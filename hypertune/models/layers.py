@@ -12,12 +12,14 @@ from typing import Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from hypertune.models import peft as peft_lib
 from hypertune.models import quantization
 from hypertune.models.config import T5Config
 
 NEG_INF = -1e10  # added to masked attention logits (finite, so fully masked rows stay finite)
+DENSE_OUTPUT = "dense_output"  # jax.ad_checkpoint name of every dense projection's output
 
 
 def dot(spec: str, x, w, dtype, result_dtype=None, transposed_copies: bool = False):
@@ -48,7 +50,8 @@ def dot(spec: str, x, w, dtype, result_dtype=None, transposed_copies: bool = Fal
     y = _matmul_bf16_backward(x, w)
   else:
     y = jnp.matmul(x, w, preferred_element_type=jnp.float32)
-  return y.reshape(lead + out).astype(result_dtype)
+  # Named, so that a remat policy can keep it (T5Config.remat_policy="dense").
+  return checkpoint_name(y.reshape(lead + out).astype(result_dtype), DENSE_OUTPUT)
 
 
 @jax.custom_vjp

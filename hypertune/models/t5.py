@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 from hypertune.models import peft as peft_lib
 from hypertune.models.config import T5Config
-from hypertune.models.layers import (Attention, FeedForward, RMSNorm, RelativePositionBias, dot,
-                                     param_with_axes)
+from hypertune.models.layers import (DENSE_OUTPUT, Attention, FeedForward, RMSNorm,
+                                     RelativePositionBias, dot, param_with_axes)
 
 PeftParams = peft_lib.PeftParams
 
@@ -74,7 +74,10 @@ def _stack_layers(module: nn.Module, layer_cls, num_layers: int, x, peft_by_laye
   if cfg.remat:
     # Python-bool arguments (deterministic, decode) are static; argnum 0 is the module itself.
     static = (5,) if layer_cls is EncoderLayer else (7, 8)
-    layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers, static_argnums=static)
+    policy = {"full": None,  # keep each layer's input only
+              "dense": jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)}
+    layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers, static_argnums=static,
+                         policy=policy[cfg.remat_policy])
   if cfg.scan_layers:
     scanned = nn.scan(
         layer_cls, variable_axes={"params": 0, "cache": 0, "cross_kv": 0},
