@@ -79,3 +79,18 @@ def test_readme_commands_run_as_written(hf_t5_dir, hf_llama_dir, shared_data, tm
     _run_binary(name, argv)
   assert (tmp_path / "task" / "peft.safetensors").exists()
   assert len((tmp_path / "task" / "predictions.jsonl").read_text().splitlines()) == 2
+
+
+def test_readme_config_switches_are_t5_config_fields():
+  """Every `config.t5_config.<field> = <value>` the README names is a T5Config field that takes
+  that value (the CPU switches of its speed section are gin bindings, not commands)."""
+  import dataclasses
+  import ast
+  from hypertune.models.config import T5Config, t5_config
+  text = open(os.path.join(REPO, "README.md")).read()
+  switches = re.findall(r"`config\.t5_config\.(\w+) = ([^`]+)`", text)
+  assert len(switches) >= 4, switches
+  fields = {f.name for f in dataclasses.fields(T5Config)}
+  for name, value in switches:
+    assert name in fields, name
+    assert getattr(t5_config("tiny", **{name: ast.literal_eval(value)}), name) == ast.literal_eval(value)
