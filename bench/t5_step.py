@@ -21,14 +21,16 @@ Throughput is `batch * (inputs_len + targets_len) * steps / seconds` (padding in
 for both). With `--repeats N` the timed blocks alternate JAX / PyTorch N times (so background
 load hits both alike) and the table shows the median with min-max; the ratio printed is
 `hypertune / pytorch` of the medians. The first step's losses of both are printed as a check
-that they compute the same thing.
+that they compute the same thing. Each `--also FIELD=VALUE,...` adds one more hypertune
+configuration (those `T5Config` fields changed) to the same alternation, with its ratios to
+PyTorch and to the first configuration: on a noisy machine the one way to compare two settings.
 
 Run (from the repository root):
 
     .venv/bin/python bench/t5_step.py                      # t5-small shape, batch 8, 256/64
     .venv/bin/python bench/t5_step.py --quick              # tiny size, seconds (CI)
     .venv/bin/python bench/t5_step.py --repeats 3 --steps 5
-    .venv/bin/python bench/t5_step.py --remat --remat_policy dense   # scanned, fastest on CPU
+    .venv/bin/python bench/t5_step.py --skip_torch --also scan_layers=False   # in one run
     .venv/bin/python bench/t5_step.py --dtype bfloat16 --bf16_transposed_copies
     .venv/bin/python bench/t5_step.py --skip_torch --profile /tmp/t5_step_trace
     .venv/bin/python bench/t5_step.py --no_scan_layers --xla_flags=--xla_cpu_enable_fast_math=true
@@ -76,6 +78,10 @@ def parse_args(argv=None):
   p.add_argument("--loss", default="optax", choices=["optax", "logsoftmax"],
                  help="JAX cross-entropy: optax.softmax_cross_entropy_with_integer_labels or "
                       "log_softmax + take_along_axis")
+  p.add_argument("--also", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                 help="one more hypertune configuration: T5Config fields over the flags' (e.g. "
+                      "scan_layers=False), timed in the same run, alternating with the others; "
+                      "repeatable")
   p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS (set before importing jax)")
   p.add_argument("--lr", type=float, default=1e-4)
   p.add_argument("--weight_decay", type=float, default=0.01)
@@ -98,7 +104,23 @@ def parse_args(argv=None):
     args.steps, args.warmup, args.matmul_peak_n = 2, 1, 256
   if args.peak_flops < 0:
     p.error(f"--peak_flops must be >= 0, got {args.peak_flops}")
+  args.also = [_config_fields(spec, p.error) for spec in args.also]
   return args
+
+
+def _config_fields(spec: str, error) -> dict:
+  """'scan_layers=False,remat_policy=dense' -> {"scan_layers": False, "remat_policy": "dense"}."""
+  import ast
+  fields = {}
+  for item in spec.split(","):
+    name, sep, value = item.partition("=")
+    if not sep or not name.isidentifier():
+      error(f"--also {spec!r}: expected FIELD=VALUE[,FIELD=VALUE], got {item!r}")
+    try:
+      fields[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      fields[name] = value  # a bare word: a string
+  return fields
 
 
 def make_batch(args, seed):
@@ -267,6 +289,13 @@ def main(argv=None):
                      remat=args.remat, remat_policy=args.remat_policy,
                      bf16_transposed_copies=args.bf16_transposed_copies,
                      dropout_rate=0.0)
+  variants = {}  # --also: checked before any model is built
+  for fields in args.also:
+    name = "hypertune[" + ",".join(f"{k}={v}" for k, v in fields.items()) + "]"
+    try:
+      variants[name] = config.replace(**fields)
+    except (TypeError, ValueError) as e:
+      raise SystemExit(f"bench/t5_step.py --also: {e}") from None
   batch = make_batch(args, args.seed)
   tokens_per_step = args.batch * (args.inputs_len + args.targets_len)
   print(f"T5 {args.size}: d_model={config.d_model} d_ff={config.d_ff} heads={config.num_heads} "
@@ -284,6 +313,9 @@ def main(argv=None):
     print(f"hypertune: {jb.num_params / 1e6:.1f}M params, init {jb.init_s:.1f}s, "
           f"compile {jb.compile_s:.1f}s", flush=True)
     benches["hypertune"] = jb
+    for name, variant in variants.items():
+      benches[name] = JaxBench(args, variant, batch)
+      print(f"{name}: compile {benches[name].compile_s:.1f}s", flush=True)
   if not args.skip_torch:
     import torch
     params = benches["hypertune"].initial_params if "hypertune" in benches else None
@@ -301,7 +333,7 @@ def main(argv=None):
     first_step_s[name] = b.run(1)
     if args.warmup > 1:
       b.run(args.warmup - 1)
-  if len(benches) == 2:
+  if "hypertune" in benches and "pytorch" in benches:
     a, t = benches["hypertune"].first_loss, benches["pytorch"].first_loss
     print(f"first-step loss: hypertune {a:.5f}  pytorch {t:.5f}  (|diff| {abs(a - t):.2e})",
           flush=True)
@@ -315,7 +347,7 @@ def main(argv=None):
             f"{peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
     for name, b in benches.items():
       times[name].append(b.run(args.steps))
-      print(f"  repeat {r + 1}/{args.repeats} {name:9s}: {times[name][-1] / args.steps:.3f} s/step",
+      print(f"  repeat {r + 1}/{args.repeats} {name}: {times[name][-1] / args.steps:.3f} s/step",
             flush=True)
 
   if args.profile and "hypertune" in benches:
@@ -326,7 +358,8 @@ def main(argv=None):
     print(f"  profile of one hypertune step: {args.profile}", flush=True)
 
   print()
-  print(f"{'':10s} {'tokens/s (median)':>18s} {'min-max':>15s} {'s/step':>8s} "
+  width = max(10, *map(len, benches))
+  print(f"{'':{width}s} {'tokens/s (median)':>18s} {'min-max':>15s} {'s/step':>8s} "
         f"{'first step s':>13s} {'compile s':>10s}")
   medians = {}
   for name, b in benches.items():
@@ -334,10 +367,13 @@ def main(argv=None):
     med, lo, hi = _median_spread(tps)
     medians[name] = med
     compile_s = f"{b.compile_s:10.1f}" if hasattr(b, "compile_s") else f"{'-':>10s}"
-    print(f"{name:10s} {med:18.0f} {lo:7.0f}-{hi:<7.0f} {tokens_per_step / med:8.3f} "
+    print(f"{name:{width}s} {med:18.0f} {lo:7.0f}-{hi:<7.0f} {tokens_per_step / med:8.3f} "
           f"{first_step_s[name]:13.2f} {compile_s}")
-  if len(medians) == 2:
-    print(f"\nratio hypertune/pytorch: {medians['hypertune'] / medians['pytorch']:.2f}x")
+  print()
+  for name in medians:
+    for other in ("pytorch", "hypertune"):
+      if name.startswith("hypertune") and name != other and other in medians:
+        print(f"ratio {name}/{other}: {medians[name] / medians[other]:.2f}x")
   if "hypertune" in medians:
     from hypertune import flops
     step_flops = 3 * args.batch * flops.query_flops(config, args.inputs_len, args.targets_len)

@@ -34,10 +34,13 @@ def test_t5_step_benchmark_at_tiny_size(tmp_path):
   pytest.importorskip("transformers")
   out = subprocess.run(
       [sys.executable, "bench/t5_step.py", "--quick", "--peak_flops", "1e12", "--profile",
-       str(tmp_path / "trace"), "--remat", "--remat_policy", "dense"],
+       str(tmp_path / "trace"), "--remat", "--remat_policy", "dense", "--also",
+       "scan_layers=False,remat=False"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "remat=True/dense" in out.stdout
+  for other in ("pytorch", "hypertune"):
+    assert f"ratio hypertune[scan_layers=False,remat=False]/{other}: " in out.stdout, out.stdout
   diff = float(re.search(r"\|diff\| ([0-9.e+-]+)", out.stdout).group(1))
   assert diff < 1e-4 and "ratio hypertune/pytorch" in out.stdout
   got = re.search(r"hypertune ([0-9.e+-]+) TFLOP/s; MFU ([0-9.e+-]+)% of 1 TFLOP/s peak",
@@ -45,6 +48,13 @@ def test_t5_step_benchmark_at_tiny_size(tmp_path):
   assert got and float(got.group(2)) == pytest.approx(100 * float(got.group(1)), rel=0.01)
   assert re.search(r"% of the measured matmul peak [0-9.]+ GFLOP/s", out.stdout), out.stdout
   assert list((tmp_path / "trace").rglob("*.xplane.pb")), "no profile written"
+
+
+def test_t5_step_rejects_an_unknown_field_before_building_a_model():
+  out = subprocess.run([sys.executable, "bench/t5_step.py", "--quick", "--also", "layers=3"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode != 0 and "--also" in out.stderr and "layers" in out.stderr, out.stderr
+  assert "params, init" not in out.stdout
 
 
 def test_xla_cpu_ops_benchmark_quick():

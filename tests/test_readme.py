@@ -1,12 +1,16 @@
 """The README's commands run as written, in order, at tiny size: its placeholder paths point at
 a tiny Hugging Face T5 and ../shared/data, and tiny-size flags are appended to each training
 command. (The set-up commands are covered by tests/test_quickstart.py and CI itself.)"""
+import ast
+import dataclasses
 import json
 import os
 import re
 import shlex
 
 import gin
+
+from hypertune.models.config import T5Config, t5_config
 
 from test_gin_runs import (TINY, TINY_LLAMA, TINY_T5, _data_bindings,  # noqa: F401  pylint: disable=unused-import
                            hf_llama_dir, hf_t5_dir)
@@ -84,13 +88,11 @@ def test_readme_commands_run_as_written(hf_t5_dir, hf_llama_dir, shared_data, tm
 def test_readme_config_switches_are_t5_config_fields():
   """Every `config.t5_config.<field> = <value>` the README names is a T5Config field that takes
   that value (the CPU switches of its speed section are gin bindings, not commands)."""
-  import dataclasses
-  import ast
-  from hypertune.models.config import T5Config, t5_config
   text = open(os.path.join(REPO, "README.md")).read()
   switches = re.findall(r"`config\.t5_config\.(\w+) = ([^`]+)`", text)
   assert len(switches) >= 4, switches
   fields = {f.name for f in dataclasses.fields(T5Config)}
   for name, value in switches:
     assert name in fields, name
-    assert getattr(t5_config("tiny", **{name: ast.literal_eval(value)}), name) == ast.literal_eval(value)
+    value = ast.literal_eval(value)
+    assert getattr(t5_config("tiny", **{name: value}), name) == value
