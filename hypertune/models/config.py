@@ -50,12 +50,13 @@ class T5Config:
   # What a rematerialised layer keeps for the backward pass: "full" its input only (least
   # memory); "dense" also every dense projection's output, recomputing norms, attention and
   # activations. With scanned layers on XLA:CPU "dense" is also faster than no remat at all
-  # (fewer stacked activations to zero and write: 3.42 against 4.00 s a t5-small step;
-  # docs/performance.md).
+  # (fewer stacked activations to zero and write: 3.15 against 3.73 s a t5-small step in one
+  # run; docs/performance.md).
   remat_policy: str = "full"
   # Decoding (greedy, beam search) runs a scanned decoder's layers unrolled, from one unstacked
   # copy of their parameters: inside the decoding loop XLA:CPU otherwise slices every layer's
-  # weights and caches at every step (greedy 4.4 -> 3.1 s; bench/generation.py). Costs that copy.
+  # weights and caches at every step (greedy 4.67 -> 3.26 s; bench/generation.py). Costs that
+  # copy.
   unrolled_decoding: bool = False
   pad_id: int = 0
   eos_id: int = 1
