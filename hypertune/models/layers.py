@@ -222,7 +222,8 @@ class Attention(nn.Module):
     Returns `[batch, q_len, d_model]`.
     """
     cfg = self.config
-    dt, copies = cfg.compute_dtype, cfg.bf16_transposed_copies
+    dt = cfg.compute_dtype
+    dense = functools.partial(dot, transposed_copies=cfg.bf16_transposed_copies)
     lora = lora or {}
     h, dk = cfg.num_heads, cfg.d_kv
     init_q = nn.initializers.normal((cfg.d_model * dk)**-0.5)
@@ -234,7 +235,7 @@ class Attention(nn.Module):
     wo = param_with_axes(self, "out", init_o, (h, dk, cfg.d_model), ("heads", "kv", "embed"))
 
     def project(x, w, name):
-      y = dot("btd,dhk->bthk", x, w, dt, transposed_copies=copies)
+      y = dense("btd,dhk->bthk", x, w, dt)
       if name in lora:  # per-example low-rank delta: scale * up_b @ down_b @ x
         lo = lora[name]
         delta = dot("btd,brd->btr", x, lo.down, dt)
@@ -283,7 +284,7 @@ class Attention(nn.Module):
       delta = dot("bor,bmr->bom", delta, lo.up, dt) * lo.scale
     else:
       delta = 0.0
-    y = dot("bqhk,hkd->bqd", jnp.swapaxes(out, 1, 2), wo, dt, transposed_copies=copies) + delta
+    y = dense("bqhk,hkd->bqd", jnp.swapaxes(out, 1, 2), wo, dt) + delta
     return nn.with_logical_constraint(y.astype(dt), ("batch", "length", "embed"))
 
   def _update_cache(self, key, value, mask):
